@@ -1,0 +1,276 @@
+"""The API client: one aiohttp session for the run, and a decision for every answer.
+
+``ApiClient.send()`` posts one request and returns an ``ApiResult`` that says what to do
+next. It looks at the HTTP status and at the error body, not at one magic string:
+
+    ===============================================  =====================================
+    answer                                           outcome
+    ===============================================  =====================================
+    2xx with a JSON body                             SUCCESS
+    429 ``rate_limit_exceeded`` (or any other 429)   RATE_LIMITED: wait Retry-After, retry
+    429 ``insufficient_quota``, 401, 403             STOP: stop dispatching, keep results
+    400, 404, 422 and other 4xx                      INVALID: never retried
+    408, 409, 5xx, resets, timeouts, unreadable      RETRY: exponential backoff with jitter
+    ===============================================  =====================================
+
+The wait hint of a 429 comes from ``retry-after-ms``, ``Retry-After`` (seconds or an HTTP
+date), or ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens`` (``1s``, ``6m0s``,
+``83ms``, or plain seconds), in that order.
+
+Authentication is ``Authorization: Bearer KEY``. Azure deployment URLs (any URL with
+``/deployments`` in it, as the Cookbook script decides) get ``api-key: KEY`` instead. The key
+never appears in an ``ApiResult``: every error text goes through ``redact()``.
+
+Usage:
+    >>> async with aiohttp.ClientSession() as session:
+    ...     client = ApiClient(session=session, api_key=os.environ.get("OPENAI_API_KEY"))
+    ...     result = await client.send("POST", "http://127.0.0.1:8000/v1/embeddings",
+    ...                                json.dumps({"model": "text-embedding-3-small", "input": "hi"}).encode())
+    ...     result.outcome
+    <Outcome.SUCCESS: 'success'>
+"""
+
+# Standard library imports
+import asyncio
+import email.utils
+import enum
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
+
+# Third-party imports
+import aiohttp
+
+# Statuses that are worth another attempt besides 5xx.
+RETRYABLE_STATUSES = frozenset({408, 409})
+# Statuses that stop the whole run: the key is wrong or has no access.
+STOPPING_STATUSES = frozenset({401, 403})
+# Error codes of a 429 that mean "out of money", not "too fast".
+QUOTA_ERROR_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"})
+# One part of a Go-style duration such as "6m0s" or "83ms".
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+class Outcome(enum.Enum):
+    """What the caller should do with a request after an answer."""
+
+    SUCCESS = "success"
+    RATE_LIMITED = "rate_limited"
+    RETRY = "retry"
+    INVALID = "invalid"
+    STOP = "stop"
+
+
+@dataclass
+class ApiResult:
+    """One attempt's answer, decided.
+
+    Attributes:
+        outcome: what to do next.
+        status: the HTTP status, or None when no answer arrived.
+        body: the parsed JSON body, or None.
+        error: a readable, redacted error text; None on success.
+        cause: a short name for the failure ("http_500", "timeout", "connection", ...), for metrics.
+        retry_after: seconds the server asked us to wait, when it said.
+        request_id: the server's ``x-request-id``, when it sent one.
+        rate_limit_scope: "requests" or "tokens" when a 429 says which limit was hit.
+    """
+
+    outcome: Outcome
+    status: Optional[int] = None
+    body: Any = None
+    error: Optional[str] = None
+    cause: Optional[str] = None
+    retry_after: Optional[float] = None
+    request_id: Optional[str] = None
+    rate_limit_scope: Optional[str] = None
+
+
+@dataclass
+class ApiClient:
+    """Sends requests through one shared aiohttp session.
+
+    Attributes:
+        session: the run's session (one connection pool for every shard).
+        api_key: the key, or None for servers without authentication.
+        timeout_seconds: the whole-request timeout of one attempt.
+    """
+
+    session: aiohttp.ClientSession
+    api_key: Optional[str] = None
+    timeout_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=self.timeout_seconds)
+        self._headers: Dict[bool, Dict[str, str]] = {
+            azure: auth_headers(self.api_key, azure) for azure in (False, True)
+        }
+
+    async def send(self, method: str, url: str, payload: bytes) -> ApiResult:
+        """Send one attempt and decide what its answer means.
+
+        Args:
+            method: the HTTP method, usually "POST".
+            url: the full URL.
+            payload: the JSON body, already serialised.
+
+        Returns:
+            The decided result. Never raises for network or HTTP errors.
+        """
+        headers = self._headers["/deployments" in url]
+        try:
+            async with self.session.request(
+                method, url, data=payload, headers=headers, timeout=self._timeout
+            ) as response:
+                raw = await response.read()
+                return decide(response.status, raw, response.headers, self.api_key)
+        except asyncio.TimeoutError:
+            return ApiResult(Outcome.RETRY, error=f"timed out after {self.timeout_seconds:g} s", cause="timeout")
+        except aiohttp.InvalidURL as error:
+            return ApiResult(Outcome.STOP, error=f"invalid URL: {redact(str(error), self.api_key)}", cause="bad_url")
+        except (aiohttp.ClientError, OSError) as error:
+            text = redact(f"{type(error).__name__}: {error}", self.api_key)
+            return ApiResult(Outcome.RETRY, error=f"connection error: {text}", cause="connection")
+
+
+def decide(status: int, raw: bytes, headers: Mapping[str, str], api_key: Optional[str] = None) -> ApiResult:
+    """Turn one HTTP answer into an ``ApiResult``.
+
+    Args:
+        status: the HTTP status.
+        raw: the body's bytes.
+        headers: the response headers (case-insensitive mapping).
+        api_key: the key, removed from any error text.
+
+    Returns:
+        The decided result.
+    """
+    request_id = headers.get("x-request-id")
+    try:
+        body = json.loads(raw) if raw else None
+    except ValueError:
+        body = None
+    error_info = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error_info, dict):
+        error_info = {"message": error_info} if isinstance(error_info, str) else {}
+    code = str(error_info.get("code") or "")
+    kind = str(error_info.get("type") or "")
+    message = redact(str(error_info.get("message") or _snippet(raw)), api_key)
+    label = code or kind or "error"
+
+    if 200 <= status < 300:
+        if body is None:
+            return ApiResult(Outcome.RETRY, status, None, f"HTTP {status}: unreadable body: {_snippet(raw)!r}",
+                             cause="unreadable_body", request_id=request_id)
+        if isinstance(body, dict) and "error" in body and not ({"choices", "data", "object"} & body.keys()):
+            return ApiResult(Outcome.RETRY, status, body, f"HTTP {status} {label}: {message}",
+                             cause="error_body", request_id=request_id)
+        return ApiResult(Outcome.SUCCESS, status, body, request_id=request_id)
+    error = f"HTTP {status} {label}: {message}"
+    if status == 429:
+        if code in QUOTA_ERROR_CODES or kind in QUOTA_ERROR_CODES:
+            return ApiResult(Outcome.STOP, status, body, error, cause="insufficient_quota", request_id=request_id)
+        return ApiResult(Outcome.RATE_LIMITED, status, body, error, cause="rate_limited",
+                         retry_after=retry_after_seconds(headers), request_id=request_id,
+                         rate_limit_scope=_rate_limit_scope(kind, message))
+    if status in STOPPING_STATUSES:
+        return ApiResult(Outcome.STOP, status, body, error, cause=f"http_{status}", request_id=request_id)
+    if status in RETRYABLE_STATUSES or status >= 500:
+        return ApiResult(Outcome.RETRY, status, body, error, cause=f"http_{status}",
+                         retry_after=retry_after_seconds(headers), request_id=request_id)
+    return ApiResult(Outcome.INVALID, status, body, error, cause=f"http_{status}", request_id=request_id)
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> Optional[float]:
+    """The wait a server asks for, in seconds, or None when it says nothing usable."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            return max(0.0, float(milliseconds) / 1000.0)
+        except ValueError:
+            pass
+    retry_after = headers.get("retry-after")
+    if retry_after:
+        try:
+            return max(0.0, float(retry_after))
+        except ValueError:
+            try:
+                moment = email.utils.parsedate_to_datetime(retry_after)
+                return max(0.0, moment.timestamp() - time.time())
+            except (TypeError, ValueError):
+                pass
+    resets = [parse_duration(headers.get(name)) for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
+    known = [value for value in resets if value is not None]
+    return max(known) if known else None
+
+
+def parse_duration(text: Optional[str]) -> Optional[float]:
+    """Parse "1s", "6m0s", "83ms", "1h2m3.5s" or plain seconds ("0.5") into seconds."""
+    if not text:
+        return None
+    text = text.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    position, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            return None
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    return total if position == len(text) and position > 0 else None
+
+
+def backoff_seconds(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Exponential backoff with jitter for retry number ``attempt`` (1 for the first retry).
+
+    Returns a value between half and all of ``base * 2 ** (attempt - 1)``, at most ``cap``.
+    """
+    ceiling = min(cap, base * 2 ** max(0, attempt - 1))
+    return ceiling / 2 + random.random() * ceiling / 2
+
+
+def auth_headers(api_key: Optional[str], azure: bool) -> Dict[str, str]:
+    """The request headers for a key: Bearer for OpenAI and compatibles, api-key for Azure."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        if azure:
+            headers["api-key"] = api_key
+        else:
+            headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def redact(text: str, secret: Optional[str]) -> str:
+    """Remove a secret (and any long prefix of it that a server echoes) from a text."""
+    if not secret or not text:
+        return text
+    text = text.replace(secret, "[REDACTED]")
+    if len(secret) >= 12:
+        text = text.replace(secret[:12], "[REDACTED]")
+    return text
+
+
+# Helpers
+
+
+def _rate_limit_scope(kind: str, message: str) -> Optional[str]:
+    """Which limit a 429 names: "requests", "tokens" or None."""
+    if kind in ("requests", "tokens"):
+        return kind
+    lowered = message.lower()
+    if "tokens per min" in lowered or "(tpm)" in lowered:
+        return "tokens"
+    if "requests per min" in lowered or "(rpm)" in lowered:
+        return "requests"
+    return None
+
+
+def _snippet(raw: bytes, limit: int = 200) -> str:
+    """The start of a body, as text, for error messages."""
+    return raw[:limit].decode("utf-8", "replace")

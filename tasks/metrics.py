@@ -1,0 +1,324 @@
+"""Metrics of a run: a StatusTracker per shard, run totals, and the Prefect artifacts that show them.
+
+Each shard task fills its own ``StatusTracker``. The flow merges them into the run's totals.
+It publishes three artifacts, under stable keys so runs can be compared on the Artifacts page:
+
+    parallel-requests-progress   a progress artifact that moves while the shards run
+    parallel-requests-shards     a table with one row per shard
+    parallel-requests-summary    a markdown summary of the run
+
+Usage:
+    >>> totals = StatusTracker.merged(shard_trackers)
+    >>> summary = RunSummary(totals=totals, shards=shard_trackers, ...)
+    >>> await publish_run_artifacts(summary)
+    >>> print(summary.to_text())
+
+Pitfalls:
+    - In async code Prefect's ``create_*_artifact`` functions return coroutines. The ``a*``
+      variants are used here. Outside a flow run they are skipped; they do not fail.
+"""
+
+# Standard library imports
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+# Third-party imports
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
+from prefect.context import FlowRunContext
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_KEY = "parallel-requests-progress"
+SHARDS_TABLE_KEY = "parallel-requests-shards"
+SUMMARY_KEY = "parallel-requests-summary"
+# How often the progress artifact is updated while shards run.
+PROGRESS_INTERVAL_SECONDS = 2.0
+
+
+@dataclass
+class StatusTracker:
+    """Counts for one shard; merged, for the whole run.
+
+    Rows are non-blank input lines. Every row ends in exactly one of: succeeded,
+    failed_invalid_request, failed_after_retries, failed_too_large, invalid_lines or not_sent.
+    """
+
+    shard: Optional[int] = None
+    lines_read: int = 0
+    blank_lines: int = 0
+    rows: int = 0
+    succeeded: int = 0
+    invalid_lines: int = 0
+    failed_invalid_request: int = 0
+    failed_after_retries: int = 0
+    failed_too_large: int = 0
+    not_sent: int = 0
+    requests_sent: int = 0
+    retries: int = 0
+    retries_by_cause: Dict[str, int] = field(default_factory=dict)
+    rate_limited: int = 0
+    tokens_estimated: int = 0
+    prompt_tokens_used: int = 0
+    completion_tokens_used: int = 0
+    first_request_at: Optional[float] = None
+    last_response_at: Optional[float] = None
+    wall_seconds: float = 0.0
+
+    @property
+    def rows_done(self) -> int:
+        """Rows that have their final result."""
+        return (self.succeeded + self.invalid_lines + self.failed_invalid_request
+                + self.failed_after_retries + self.failed_too_large)
+
+    @property
+    def failed(self) -> int:
+        """Rows that ended in a failure record."""
+        return self.rows_done - self.succeeded
+
+    @property
+    def sending_seconds(self) -> float:
+        """Seconds from the first request sent to the last answer received."""
+        if self.first_request_at is None or self.last_response_at is None:
+            return 0.0
+        return max(0.0, self.last_response_at - self.first_request_at)
+
+    @property
+    def requests_per_minute(self) -> float:
+        """The sustained request rate while sending (HTTP requests, retries included)."""
+        seconds = self.sending_seconds
+        return self.requests_sent * 60.0 / seconds if seconds > 0 else 0.0
+
+    def note_request_sent(self) -> None:
+        """Count one HTTP request going out."""
+        self.requests_sent += 1
+        if self.first_request_at is None:
+            self.first_request_at = time.time()
+
+    def note_response(self) -> None:
+        """Remember when the latest answer (or failure) arrived."""
+        self.last_response_at = time.time()
+
+    def note_retry(self, cause: str) -> None:
+        """Count one retry and its cause."""
+        self.retries += 1
+        self.retries_by_cause[cause] = self.retries_by_cause.get(cause, 0) + 1
+
+    @classmethod
+    def merged(cls, trackers: Sequence["StatusTracker"]) -> "StatusTracker":
+        """Add up shard trackers into run totals."""
+        total = cls()
+        causes: collections.Counter = collections.Counter()
+        for tracker in trackers:
+            for name, value in asdict(tracker).items():
+                if name in ("shard", "first_request_at", "last_response_at", "retries_by_cause"):
+                    continue
+                if name == "wall_seconds":
+                    total.wall_seconds = max(total.wall_seconds, value)
+                else:
+                    setattr(total, name, getattr(total, name) + value)
+            causes.update(tracker.retries_by_cause)
+            if tracker.first_request_at is not None:
+                total.first_request_at = min(total.first_request_at or tracker.first_request_at, tracker.first_request_at)
+            if tracker.last_response_at is not None:
+                total.last_response_at = max(total.last_response_at or 0.0, tracker.last_response_at)
+        total.retries_by_cause = dict(causes)
+        return total
+
+    def table_row(self) -> Dict[str, Any]:
+        """This tracker as one row of the shards table."""
+        return {
+            "shard": self.shard,
+            "rows": self.rows,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "invalid_lines": self.invalid_lines,
+            "not_sent": self.not_sent,
+            "requests_sent": self.requests_sent,
+            "retries": self.retries,
+            "rate_limited_429": self.rate_limited,
+            "tokens_estimated": self.tokens_estimated,
+            "tokens_used": self.prompt_tokens_used + self.completion_tokens_used,
+            "requests_per_minute": round(self.requests_per_minute, 1),
+            "wall_seconds": round(self.wall_seconds, 3),
+        }
+
+
+@dataclass
+class RunProgress:
+    """Progress shared by every shard of a run: input bytes whose rows are finished."""
+
+    total_bytes: int
+    done_bytes: int = 0
+    rows_done: int = 0
+
+    def advance(self, line_bytes: int, row: bool = True) -> None:
+        """A line ``line_bytes`` long is finished (a row, or a blank line when ``row`` is False)."""
+        self.done_bytes += line_bytes
+        if row:
+            self.rows_done += 1
+
+    @property
+    def percent(self) -> float:
+        """Finished share of the input, 0 to 100."""
+        return 100.0 if self.total_bytes <= 0 else min(100.0, 100.0 * self.done_bytes / self.total_bytes)
+
+
+@dataclass
+class RunSummary:
+    """The outcome of a run: totals, per-shard counts, where the output is, and why it stopped.
+
+    Attributes:
+        source: the input's path or URI.
+        output: where the results are.
+        totals: the merged tracker.
+        shards: the per-shard trackers.
+        max_requests_per_minute: the request limit (None: no limit).
+        max_tokens_per_minute: the token limit (None: no limit).
+        stop_reason: why dispatching stopped early, or None when every row has its result.
+        error_examples: a few error texts (secrets removed).
+        duration_seconds: the run's whole duration.
+    """
+
+    source: str
+    output: str
+    totals: StatusTracker
+    shards: List[StatusTracker]
+    max_requests_per_minute: Optional[float]
+    max_tokens_per_minute: Optional[float]
+    stop_reason: Optional[str] = None
+    error_examples: List[str] = field(default_factory=list)
+    duration_seconds: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        """True when every row has its result line."""
+        return self.stop_reason is None and self.totals.rows_done == self.totals.rows
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-friendly view (the flow's return value)."""
+        totals = asdict(self.totals)
+        totals.update(rows_done=self.totals.rows_done, failed=self.totals.failed,
+                      requests_per_minute=round(self.totals.requests_per_minute, 1))
+        return {
+            "source": self.source,
+            "output": self.output,
+            "complete": self.complete,
+            "stop_reason": self.stop_reason,
+            "duration_seconds": round(self.duration_seconds, 3),
+            "max_requests_per_minute": self.max_requests_per_minute,
+            "max_tokens_per_minute": self.max_tokens_per_minute,
+            "totals": totals,
+            "shards": [shard.table_row() for shard in self.shards],
+            "error_examples": self.error_examples,
+        }
+
+    def to_markdown(self) -> str:
+        """The run summary as markdown (the summary artifact)."""
+        totals = self.totals
+        state = "complete" if self.complete else f"stopped: {self.stop_reason}"
+        lines = [
+            f"# parallel-requests: {self.source}",
+            "",
+            f"**{state}**. Output: `{self.output}`",
+            "",
+            "| measure | value |",
+            "| --- | --- |",
+            f"| rows | {totals.rows:,} |",
+            f"| succeeded | {totals.succeeded:,} |",
+            f"| failed: invalid requests (4xx, not retried) | {totals.failed_invalid_request:,} |",
+            f"| failed: after all attempts | {totals.failed_after_retries:,} |",
+            f"| failed: too large for the token limit | {totals.failed_too_large:,} |",
+            f"| invalid input lines | {totals.invalid_lines:,} |",
+            f"| not sent (run stopped) | {totals.not_sent:,} |",
+            f"| HTTP requests sent | {totals.requests_sent:,} |",
+            f"| 429 answers | {totals.rate_limited:,} |",
+            f"| retries | {totals.retries:,} |",
+            f"| sustained rate | {totals.requests_per_minute:,.0f} requests/min"
+            f"{_against(totals.requests_per_minute, self.max_requests_per_minute)} |",
+            f"| tokens estimated | {totals.tokens_estimated:,} |",
+            f"| tokens used (prompt + completion) | {totals.prompt_tokens_used:,} + {totals.completion_tokens_used:,} |",
+            f"| duration | {self.duration_seconds:,.1f} s |",
+        ]
+        if totals.retries_by_cause:
+            lines += ["", "Retries by cause: " + ", ".join(f"{cause} {count}" for cause, count in sorted(totals.retries_by_cause.items()))]
+        if self.error_examples:
+            lines += ["", "Examples of errors:", ""] + [f"- `{example}`" for example in self.error_examples]
+        return "\n".join(lines) + "\n"
+
+    def to_text(self) -> str:
+        """A short plain-text summary for the command line."""
+        totals = self.totals
+        state = "complete" if self.complete else f"STOPPED: {self.stop_reason}"
+        text = (
+            f"parallel-requests {state}\n"
+            f"  rows {totals.rows:,}: {totals.succeeded:,} succeeded, {totals.failed:,} failed "
+            f"({totals.invalid_lines:,} invalid lines, {totals.failed_invalid_request:,} invalid requests, "
+            f"{totals.failed_after_retries:,} out of attempts, {totals.failed_too_large:,} too large), "
+            f"{totals.not_sent:,} not sent\n"
+            f"  {totals.requests_sent:,} HTTP requests, {totals.retries:,} retries, {totals.rate_limited:,} answered 429; "
+            f"{totals.requests_per_minute:,.0f} requests/min sustained"
+            f"{_against(totals.requests_per_minute, self.max_requests_per_minute)}\n"
+            f"  tokens estimated {totals.tokens_estimated:,}; used {totals.prompt_tokens_used + totals.completion_tokens_used:,}\n"
+            f"  results: {self.output}\n"
+        )
+        return text
+
+
+async def publish_run_artifacts(summary: RunSummary) -> None:
+    """Publish the shards table and the markdown summary (only inside a flow run)."""
+    if FlowRunContext.get() is None:
+        return
+    await acreate_table_artifact(
+        key=SHARDS_TABLE_KEY,
+        table=[shard.table_row() for shard in summary.shards],
+        description=f"Per-shard metrics for {summary.source}",
+    )
+    await acreate_markdown_artifact(key=SUMMARY_KEY, markdown=summary.to_markdown(),
+                                    description=f"Run summary for {summary.source}")
+
+
+@contextlib.asynccontextmanager
+async def progress_artifact(progress: RunProgress, interval_seconds: float = PROGRESS_INTERVAL_SECONDS):
+    """Keep a progress artifact moving while the body runs; it ends at the final value."""
+    if FlowRunContext.get() is None:
+        yield
+        return
+    artifact_id = await acreate_progress_artifact(progress=0.0, key=PROGRESS_KEY,
+                                                  description="Share of input rows finished")
+
+    async def keep_updating() -> None:
+        last = 0.0
+        while True:
+            await asyncio.sleep(interval_seconds)
+            if progress.percent != last:
+                last = progress.percent
+                await aupdate_progress_artifact(artifact_id=artifact_id, progress=round(last, 2))
+
+    updater = asyncio.create_task(keep_updating())
+    try:
+        yield
+    finally:
+        updater.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await updater
+        await aupdate_progress_artifact(artifact_id=artifact_id, progress=round(progress.percent, 2))
+
+
+# Helpers
+
+
+def _against(rate: float, limit: Optional[float]) -> str:
+    """ " (97% of the 6,000 limit)" or "" when there is no limit."""
+    if not limit:
+        return ""
+    return f" ({100.0 * rate / limit:.0f}% of the {limit:,.0f} limit)"

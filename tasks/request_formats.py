@@ -1,0 +1,228 @@
+"""The two JSONL request formats: reading request lines and writing result lines.
+
+Input, one request per line, in either shape. The shape is detected once per file from its
+first readable line:
+
+    cookbook   the API body itself, with an optional ``metadata`` field that is not sent:
+               {"model": "gpt-4o-mini", "messages": [...], "metadata": {"row_id": 7}}
+    batch      the OpenAI Batch API's line; ``url`` is a path joined to the base URL:
+               {"custom_id": "r7", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+
+Output, one line per non-blank input line, in input order:
+
+    cookbook   [request, response]  or  [request, response, metadata]
+               failures: [request, ["error of attempt 1", ...]]  (+ metadata)
+    batch      {"id": "batch_req_...", "custom_id": "r7",
+                "response": {"status_code": 200, "request_id": "...", "body": {...}}, "error": null}
+               failures carry ``"error": {"code": ..., "message": ...}`` and the last HTTP answer
+               in ``response`` when there was one.
+
+A line that is not JSON, not an object, or not a valid batch line becomes an ``InvalidLine``.
+The caller writes it as an error record naming the file and line. It never stops the run.
+
+Usage:
+    >>> shape = detect_shape(b'{"model": "m", "input": "hi"}\\n')
+    >>> parse_line(b'{"model": "m", "input": "hi", "metadata": {"id": 1}}', shape,
+    ...            "http://127.0.0.1:8000/v1/embeddings").metadata
+    {'id': 1}
+
+Pitfalls:
+    - Work in bytes. ``str.splitlines()`` also splits on U+2028, which JSON strings may hold.
+    - The Cookbook script appends metadata only when it is truthy; so do we.
+"""
+
+# Standard library imports
+import enum
+import json
+import urllib.parse
+import uuid
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Union
+
+# The Cookbook script's default request URL (kept so its command lines work unchanged).
+DEFAULT_REQUEST_URL = "https://api.openai.com/v1/embeddings"
+
+
+class RequestShape(enum.Enum):
+    """The shape of a request file."""
+
+    COOKBOOK = "cookbook"
+    BATCH = "batch"
+
+
+@dataclass
+class ParsedRequest:
+    """One valid request line, ready to send.
+
+    Attributes:
+        line_index: the line's index inside its shard (0-based, blank lines counted).
+        url: the full URL to send to.
+        method: the HTTP method.
+        body: the JSON body that is sent.
+        payload: ``body`` serialised, sent as is on every attempt.
+        metadata: the cookbook line's metadata (never sent), or None.
+        custom_id: the batch line's custom_id, or None.
+    """
+
+    line_index: int
+    url: str
+    method: str
+    body: Dict[str, Any]
+    payload: bytes
+    metadata: Any = None
+    custom_id: Optional[str] = None
+
+
+@dataclass
+class InvalidLine:
+    """An input line that cannot be sent.
+
+    Attributes:
+        line_index: the line's index inside its shard (0-based, blank lines counted).
+        reason: why it cannot be sent.
+        raw_text: the line as text (for the cookbook output's request element).
+        custom_id: the batch line's custom_id when it could be read.
+    """
+
+    line_index: int
+    reason: str
+    raw_text: str
+    custom_id: Optional[str] = None
+
+
+def detect_shape(head: bytes) -> RequestShape:
+    """Detect a file's shape from its first bytes: the first line that parses decides.
+
+    Args:
+        head: the first bytes of the file (a few kilobytes are enough).
+
+    Returns:
+        BATCH when that line has ``custom_id`` and ``body``; COOKBOOK otherwise.
+    """
+    for raw in head.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return RequestShape.BATCH if {"custom_id", "body"} <= value.keys() else RequestShape.COOKBOOK
+    return RequestShape.COOKBOOK
+
+
+def parse_line(raw: bytes, shape: RequestShape, request_url: str, line_index: int = 0) -> Union[ParsedRequest, InvalidLine]:
+    """Parse one non-blank input line.
+
+    Args:
+        raw: the line's bytes, with or without its line ending.
+        shape: the file's shape.
+        request_url: the ``--request_url`` (the target for cookbook lines; the base for batch lines).
+        line_index: the line's index inside its shard.
+
+    Returns:
+        A ParsedRequest, or an InvalidLine saying why it cannot be sent.
+    """
+    raw = raw.rstrip(b"\r\n")
+    try:
+        value = json.loads(raw)
+    except UnicodeDecodeError:
+        return InvalidLine(line_index, "the line is not valid UTF-8", raw.decode("utf-8", "replace"))
+    except ValueError as error:
+        return InvalidLine(line_index, f"invalid JSON ({error})", raw.decode("utf-8", "replace"))
+    if not isinstance(value, dict):
+        return InvalidLine(line_index, f"expected a JSON object, got {type(value).__name__}", raw.decode("utf-8", "replace"))
+    if shape is RequestShape.BATCH:
+        return _parse_batch_line(value, raw, request_url, line_index)
+    had_metadata = "metadata" in value
+    metadata = value.pop("metadata", None)
+    # Without metadata the line itself is the body: send its bytes, with no second serialisation.
+    payload = json.dumps(value).encode() if had_metadata else raw
+    return ParsedRequest(line_index, request_url, "POST", value, payload, metadata=metadata)
+
+
+def format_result(request: ParsedRequest, shape: RequestShape, status: Optional[int], body: Any,
+                  request_id: Optional[str], errors: Optional[List[str]], error_code: Optional[str]) -> str:
+    """Serialise one request's final result as an output line (without the newline).
+
+    Args:
+        request: the request.
+        shape: the file's shape.
+        status: the last HTTP status, or None when no answer arrived.
+        body: the last answer's JSON body, or None.
+        request_id: the server's request id.
+        errors: None on success; otherwise one text per failed attempt.
+        error_code: a short code for the failure (batch output's ``error.code``).
+
+    Returns:
+        The JSON line.
+    """
+    if shape is RequestShape.COOKBOOK:
+        second = body if errors is None else errors
+        row = [request.body, second, request.metadata] if request.metadata else [request.body, second]
+        return json.dumps(row, ensure_ascii=False)
+    response = None if status is None else {"status_code": status, "request_id": request_id, "body": body}
+    error = None if errors is None else {"code": error_code or "request_failed", "message": errors[-1] if errors else ""}
+    return json.dumps({"id": _batch_request_id(), "custom_id": request.custom_id, "response": response, "error": error},
+                      ensure_ascii=False)
+
+
+def format_invalid_line(line: InvalidLine, shape: RequestShape, message: str) -> str:
+    """Serialise an invalid input line's error record.
+
+    Args:
+        line: the invalid line.
+        shape: the file's shape.
+        message: the full message, naming the file and line number.
+
+    Returns:
+        The JSON line.
+    """
+    if shape is RequestShape.COOKBOOK:
+        return json.dumps([line.raw_text, [message]], ensure_ascii=False)
+    return json.dumps({"id": _batch_request_id(), "custom_id": line.custom_id, "response": None,
+                       "error": {"code": "invalid_request_line", "message": message}}, ensure_ascii=False)
+
+
+def join_batch_url(request_url: str, path: str) -> str:
+    """Join a batch line's ``url`` (a path such as /v1/chat/completions) to the base URL.
+
+    The base is ``request_url`` up to its ``/v1`` segment (so a gateway prefix such as
+    ``/proxy/v1/embeddings`` is kept), or its origin when it has none. Absolute URLs pass through.
+    """
+    if path.startswith(("http://", "https://")):
+        return path
+    parts = urllib.parse.urlsplit(request_url)
+    prefix = parts.path
+    cut = prefix.find("/v1/") if "/v1/" in prefix else (prefix.find("/v1") if prefix.endswith("/v1") else -1)
+    prefix = prefix[:cut] if cut >= 0 else ""
+    if not path.startswith("/"):
+        path = "/" + path
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, prefix + path, parts.query, ""))
+
+
+# Helpers
+
+
+def _parse_batch_line(value: Dict[str, Any], raw: bytes, request_url: str, line_index: int) -> Union[ParsedRequest, InvalidLine]:
+    """Check a batch line's fields and build its request."""
+    custom_id = value.get("custom_id")
+    text = raw.decode("utf-8", "replace")
+    if not isinstance(custom_id, str) or not custom_id:
+        return InvalidLine(line_index, "a batch line needs a non-empty string custom_id", text, None)
+    body = value.get("body")
+    if not isinstance(body, dict):
+        return InvalidLine(line_index, "a batch line needs a JSON object body", text, custom_id)
+    url = value.get("url")
+    if not isinstance(url, str) or not url:
+        return InvalidLine(line_index, "a batch line needs a url such as /v1/chat/completions", text, custom_id)
+    method = value.get("method", "POST")
+    if not isinstance(method, str) or method.upper() not in ("POST", "GET", "PUT", "DELETE", "PATCH"):
+        return InvalidLine(line_index, f"unsupported method {method!r}", text, custom_id)
+    return ParsedRequest(line_index, join_batch_url(request_url, url), method.upper(), body,
+                         json.dumps(body).encode(), custom_id=custom_id)
+
+
+def _batch_request_id() -> str:
+    """A fresh id for a batch output line, as the Batch API gives one."""
+    return f"batch_req_{uuid.uuid4().hex}"

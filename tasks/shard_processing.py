@@ -1,0 +1,297 @@
+"""Processing one shard: the async Prefect task that reads a byte range and sends its requests.
+
+Every shard task of a run awaits on the flow's event loop and shares one ``SharedRunState``:
+the rate-limit engine, the API client with its aiohttp session, the token estimator, the
+progress counter and the stop signal.
+
+For each line of its range, the task:
+    1. skips blank lines, and records malformed or invalid lines as error records (a warning
+       names the shard, line and byte offset; the final message names the file's line number);
+    2. estimates the request's tokens and waits for the shared engine to grant it;
+    3. sends it in its own asyncio task and goes on to the next line, so requests overlap up
+       to the engine's in-flight cap;
+    4. handles the answer: success is written; 429 waits for the server's hint and slows the
+       shared engine; 400/404/422 fail at once; 5xx, 408/409, resets and timeouts are retried
+       with exponential backoff and jitter up to ``max_attempts``; ``insufficient_quota`` and
+       401/403 stop dispatching for the whole run, while answers already received are kept.
+
+Each row's final result is appended to the shard's part file as soon as it is known (see
+``tasks.results_storage``). The task returns the shard's ``StatusTracker``.
+
+Usage (inside an async flow, with every shard awaited together):
+    >>> trackers = await asyncio.gather(*(process_shard(shard, part_path(shard), quote(state))
+    ...                                   for shard in shards))
+"""
+
+# Standard library imports
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+# Third-party imports
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run as current_task_run
+
+# Local application imports
+from tasks.api_client import ApiClient, ApiResult, Outcome, backoff_seconds
+from tasks.metrics import RunProgress, StatusTracker
+from tasks.rate_limiter import RateLimiter, RequestNeverFits
+from tasks.request_formats import InvalidLine, ParsedRequest, RequestShape, format_result, parse_line
+from tasks.results_storage import PartWriter
+from tasks.sharding import ShardSpec, iter_shard_lines
+from tasks.token_estimation import TokenEstimator, endpoint_of_url
+
+# How many 429 answers one request may wait out before it is failed.
+MAX_RATE_LIMIT_WAITS = 50
+# How many error examples a run keeps for its summary.
+ERROR_EXAMPLE_LIMIT = 5
+
+
+@task(
+    name="process-shard",
+    tags=["parallel-requests"],
+    cache_policy=NO_CACHE,
+    task_run_name=lambda: _shard_run_name(),
+)
+async def process_shard(shard: ShardSpec, part_path: str, state: "SharedRunState") -> StatusTracker:
+    """Send every request of one shard and write each row's result to the shard's part file.
+
+    Args:
+        shard: the byte range to process.
+        part_path: the part file to append results to.
+        state: the run's shared engine, client and counters (pass it wrapped in ``quote()``).
+
+    Returns:
+        The shard's StatusTracker.
+    """
+    logger = get_run_logger()
+    worker = _ShardWorker(shard, state, StatusTracker(shard=shard.index), logger)
+    started = time.monotonic()
+    logger.info("Starting %s of %s", shard.label, os.path.basename(shard.source))
+    with PartWriter(part_path) as part:
+        await worker.run(part)
+    worker.tracker.wall_seconds = time.monotonic() - started
+    tracker = worker.tracker
+    logger.info(
+        "Finished %s: %d rows, %d succeeded, %d failed, %d not sent, %d requests, %d retries, %d answered 429",
+        shard.label, tracker.rows, tracker.succeeded, tracker.failed, tracker.not_sent,
+        tracker.requests_sent, tracker.retries, tracker.rate_limited,
+    )
+    return tracker
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Settings every shard of a run follows.
+
+    Attributes:
+        request_url: the target URL (cookbook lines) or the base URL (batch lines).
+        shape: the input's shape.
+        max_attempts: how many times a request is tried, at most, on retryable failures.
+        retry_base_seconds: the first retry's backoff (doubled for each later one).
+        estimate_tokens: whether requests' tokens are estimated (needed for a TPM limit).
+    """
+
+    request_url: str
+    shape: RequestShape
+    max_attempts: int = 5
+    retry_base_seconds: float = 0.5
+    estimate_tokens: bool = True
+
+
+class SharedRunState:
+    """The live objects every shard of a run shares. They all belong to the flow's event loop."""
+
+    def __init__(self, settings: RunSettings, limiter: RateLimiter, client: ApiClient,
+                 estimator: Optional[TokenEstimator], progress: RunProgress) -> None:
+        self.settings = settings
+        self.limiter = limiter
+        self.client = client
+        self.estimator = estimator
+        self.progress = progress
+        self.stop_reason: Optional[str] = None
+        self.error_examples: List[str] = []
+
+    def stop(self, reason: str) -> None:
+        """Stop dispatching for the whole run (the first reason is kept)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def note_error(self, text: str) -> None:
+        """Keep an error text as an example for the summary."""
+        if len(self.error_examples) < ERROR_EXAMPLE_LIMIT and text not in self.error_examples:
+            self.error_examples.append(text)
+
+
+@dataclass
+class _ShardWorker:
+    """The request loop of one shard."""
+
+    shard: ShardSpec
+    state: SharedRunState
+    tracker: StatusTracker
+    logger: Any
+    _pending: set = field(default_factory=set)
+
+    async def run(self, part: PartWriter) -> None:
+        """Read the shard's lines and dispatch them; return when every row is settled."""
+        settings = self.state.settings
+        for line_index, offset, raw in iter_shard_lines(self.shard):
+            self.tracker.lines_read += 1
+            if not raw.strip():
+                self.tracker.blank_lines += 1
+                self.state.progress.advance(len(raw), row=False)
+                continue
+            self.tracker.rows += 1
+            if self.state.stop_reason is not None:
+                self.tracker.not_sent += 1
+                continue
+            parsed = parse_line(raw, settings.shape, settings.request_url, line_index)
+            if isinstance(parsed, InvalidLine):
+                self._record_invalid_line(part, parsed, offset, len(raw))
+                continue
+            tokens = self._estimate(parsed)
+            try:
+                await self.state.limiter.acquire(tokens)
+            except RequestNeverFits as error:
+                self._finish(part, parsed, len(raw), None, None, None, [str(error)], "request_too_large")
+                self.tracker.failed_too_large += 1
+                continue
+            if self.state.stop_reason is not None:
+                self.state.limiter.release()
+                self.tracker.not_sent += 1
+                continue
+            job = asyncio.create_task(self._send_until_settled(part, parsed, tokens, len(raw)))
+            self._pending.add(job)
+            job.add_done_callback(self._pending.discard)
+        if self._pending:
+            await asyncio.gather(*list(self._pending))
+
+    async def _send_until_settled(self, part: PartWriter, request: ParsedRequest, tokens: int, line_bytes: int) -> None:
+        """Send one request (its first slot already granted) until it succeeds, fails for good, or the run stops."""
+        try:
+            await self._attempts(part, request, tokens, line_bytes)
+        except Exception as error:  # a bug must cost one row, never the shard
+            self.logger.exception("%s line +%d: unexpected error", self.shard.label, request.line_index)
+            self.tracker.failed_after_retries += 1
+            self._finish(part, request, line_bytes, None, None, None, [f"internal error: {error!r}"], "internal_error")
+
+    async def _attempts(self, part: PartWriter, request: ParsedRequest, tokens: int, line_bytes: int) -> None:
+        """The retry loop of one request."""
+        settings, limiter, tracker = self.state.settings, self.state.limiter, self.tracker
+        errors: List[str] = []
+        failed_attempts = 0
+        rate_limit_waits = 0
+        holds_slot = True
+        while True:
+            if not holds_slot:
+                if self.state.stop_reason is None:
+                    await limiter.acquire(tokens)
+                    if self.state.stop_reason is not None:
+                        limiter.release()
+                if self.state.stop_reason is not None:
+                    tracker.not_sent += 1
+                    return
+            tracker.note_request_sent()
+            try:
+                result = await self.state.client.send(request.method, request.url, request.payload)
+            finally:
+                limiter.release()
+                holds_slot = False
+            tracker.note_response()
+            if result.outcome is Outcome.SUCCESS:
+                self._count_usage(result)
+                tracker.succeeded += 1
+                self._finish(part, request, line_bytes, result.status, result.body, result.request_id, None, None)
+                return
+            errors.append(result.error or "unknown error")
+            self.state.note_error(result.error or "unknown error")
+            if result.outcome is Outcome.STOP:
+                self.state.stop(result.error or "stopped")
+                self.logger.error("Stopping the run: %s (%s line +%d)", result.error, self.shard.label, request.line_index)
+                tracker.not_sent += 1
+                return
+            if result.outcome is Outcome.RATE_LIMITED:
+                tracker.rate_limited += 1
+                rate_limit_waits += 1
+                scope = result.rate_limit_scope
+                limiter.slow_down(requests=scope != "tokens", tokens=scope != "requests")
+                if rate_limit_waits <= MAX_RATE_LIMIT_WAITS:
+                    wait = result.retry_after if result.retry_after is not None else backoff_seconds(rate_limit_waits, 1.0)
+                    tracker.note_retry("rate_limited")
+                    self.logger.debug("%s line +%d: 429, waiting %.2f s", self.shard.label, request.line_index, wait)
+                    await asyncio.sleep(wait)
+                    continue
+            elif result.outcome is Outcome.INVALID:
+                tracker.failed_invalid_request += 1
+                self._log_failure(request, result, 1)
+                self._finish(part, request, line_bytes, result.status, result.body, result.request_id, errors, result.cause)
+                return
+            else:
+                failed_attempts += 1
+                if failed_attempts < settings.max_attempts:
+                    wait = max(result.retry_after or 0.0, backoff_seconds(failed_attempts, settings.retry_base_seconds))
+                    tracker.note_retry(result.cause or "error")
+                    self.logger.debug("%s line +%d: %s, retrying in %.2f s", self.shard.label, request.line_index,
+                                      result.error, wait)
+                    await asyncio.sleep(wait)
+                    continue
+            tracker.failed_after_retries += 1
+            self._log_failure(request, result, len(errors))
+            self._finish(part, request, line_bytes, result.status, result.body, result.request_id, errors, result.cause)
+            return
+
+    # Helpers
+
+    def _estimate(self, request: ParsedRequest) -> int:
+        """The request's token estimate, or 0 when no estimate is needed."""
+        estimator = self.state.estimator
+        if estimator is None:
+            return 0
+        try:
+            tokens = estimator.estimate(request.body, endpoint_of_url(request.url))
+        except Exception:  # an odd body must not stop the shard: fall back to a size-based guess
+            tokens = len(request.payload) // 4
+        self.tracker.tokens_estimated += tokens
+        return tokens
+
+    def _count_usage(self, result: ApiResult) -> None:
+        """Add the answer's reported usage to the tracker."""
+        usage = result.body.get("usage") if isinstance(result.body, dict) else None
+        if isinstance(usage, dict):
+            prompt = usage.get("prompt_tokens")
+            completion = usage.get("completion_tokens")
+            self.tracker.prompt_tokens_used += prompt if isinstance(prompt, int) else 0
+            self.tracker.completion_tokens_used += completion if isinstance(completion, int) else 0
+
+    def _record_invalid_line(self, part: PartWriter, line: InvalidLine, offset: int, line_bytes: int) -> None:
+        """Write an invalid line's error record and warn about it."""
+        self.tracker.invalid_lines += 1
+        part.write_invalid(line)
+        self.state.progress.advance(line_bytes)
+        self.logger.warning("%s: %s line +%d (byte %d): %s", os.path.basename(self.shard.source), self.shard.label,
+                            line.line_index, offset, line.reason)
+
+    def _finish(self, part: PartWriter, request: ParsedRequest, line_bytes: int, status: Optional[int], body: Any,
+                request_id: Optional[str], errors: Optional[List[str]], error_code: Optional[str]) -> None:
+        """Write a request's final result and count the row as done."""
+        shape = self.state.settings.shape
+        part.write_result(request.line_index, format_result(request, shape, status, body, request_id, errors, error_code))
+        self.state.progress.advance(line_bytes)
+
+    def _log_failure(self, request: ParsedRequest, result: ApiResult, attempts: int) -> None:
+        """Warn about a request that failed for good."""
+        self.logger.warning("%s line +%d failed after %d attempt(s): %s (request id %s)", self.shard.label,
+                            request.line_index, attempts, result.error, result.request_id or "-")
+
+
+def _shard_run_name() -> str:
+    """The task run's name: input file, shard number and byte range."""
+    shard = current_task_run.parameters.get("shard")
+    if isinstance(shard, ShardSpec):
+        return f"{os.path.basename(shard.source)} {shard.label}"
+    return "process-shard"

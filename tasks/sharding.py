@@ -1,0 +1,143 @@
+"""Splitting a request file into shards by byte range, and reading one shard's lines.
+
+A shard is a half-open byte range ``[start, end)`` of the input. A line belongs to the shard
+that holds its first byte. Every line therefore lands in exactly one shard, whatever the
+boundaries cut through, and no shard reads more than its range plus the end of its last
+line. Shard readers open the file on their own and seek. Sharding reads nothing up front.
+
+Usage:
+    >>> shards = plan_shards("requests.jsonl", shard_count=None)   # count follows the size
+    >>> for line_index, offset, raw in iter_shard_lines(shards[0]):
+    ...     print(line_index, offset, raw)
+
+Pitfalls:
+    - Line indexes are counted per shard (blank lines included). The file's line number is the
+      shard's ``first_line_number`` plus the index; it is known only after the shards before it
+      have been read, which the final assembly does.
+    - Lines are bytes, split on ``\\n`` only (``str.splitlines()`` also splits on U+2028).
+"""
+
+# Standard library imports
+import io
+import math
+import os
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, List, Optional, Tuple
+
+# Third-party imports
+import smart_open
+
+# How many bytes of input one shard gets when the count is not given.
+BYTES_PER_SHARD = 8 * 1024 * 1024
+# The most shards the automatic count chooses (a flag can ask for more).
+MAX_AUTOMATIC_SHARDS = 64
+# How many bytes are read to detect the file's shape.
+HEAD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard of an input file.
+
+    Attributes:
+        source: the input's path or URI.
+        index: the shard's number, from 0.
+        count: how many shards the input has.
+        start: the first byte of the range.
+        end: the byte after the range.
+    """
+
+    source: str
+    index: int
+    count: int
+    start: int
+    end: int
+
+    @property
+    def label(self) -> str:
+        """A short name for logs and run names, such as "shard 3/8 bytes 100-200"."""
+        return f"shard {self.index + 1}/{self.count} bytes {self.start}-{self.end}"
+
+
+def plan_shards(source: str, shard_count: Optional[int] = None, size: Optional[int] = None) -> List[ShardSpec]:
+    """Split an input into byte ranges of about equal size.
+
+    Args:
+        source: a path or a URI that smart-open reads.
+        shard_count: how many shards; None to follow the size (one per 8 MiB, at most 64).
+        size: the input's size in bytes, when already known.
+
+    Returns:
+        The shards, in input order. An empty input gives one empty shard.
+
+    Raises:
+        ValueError: when shard_count is below 1.
+    """
+    if size is None:
+        size = input_size(source)
+    if shard_count is None:
+        shard_count = default_shard_count(size)
+    if shard_count < 1:
+        raise ValueError(f"the number of shards must be at least 1, got {shard_count}")
+    shard_count = max(1, min(shard_count, size)) if size else 1
+    bounds = [size * index // shard_count for index in range(shard_count + 1)]
+    return [ShardSpec(source, index, shard_count, bounds[index], bounds[index + 1]) for index in range(shard_count)]
+
+
+def default_shard_count(size: int) -> int:
+    """One shard per 8 MiB of input, at least 1 and at most 64."""
+    return max(1, min(MAX_AUTOMATIC_SHARDS, math.ceil(size / BYTES_PER_SHARD)))
+
+
+def iter_shard_lines(shard: ShardSpec) -> Iterator[Tuple[int, int, bytes]]:
+    """Yield ``(line_index, byte_offset, raw_line)`` for every line that starts in the shard.
+
+    Raw lines keep their line ending. Blank lines are yielded too, so indexes count every line.
+    """
+    with open_binary(shard.source) as handle:
+        yield from _lines_in_range(handle, shard.start, shard.end)
+
+
+def read_head(source: str, limit: int = HEAD_BYTES) -> bytes:
+    """The first ``limit`` bytes of an input (to detect its shape)."""
+    with open_binary(source) as handle:
+        return handle.read(limit)
+
+
+def input_size(source: str) -> int:
+    """The input's size in bytes."""
+    if "://" not in source:
+        return os.path.getsize(source)
+    with open_binary(source) as handle:
+        return handle.seek(0, io.SEEK_END)
+
+
+def open_binary(source: str) -> BinaryIO:
+    """Open an input for binary reading with seeking, without transparent decompression."""
+    if "://" not in source:
+        return open(source, "rb")
+    return smart_open.open(source, "rb", compression="disable", transport_params={"defer_seek": True})
+
+
+# Helpers
+
+
+def _lines_in_range(handle: BinaryIO, start: int, end: int) -> Iterator[Tuple[int, int, bytes]]:
+    """Yield the lines whose first byte lies in ``[start, end)``."""
+    if start >= end:
+        return
+    if start == 0:
+        handle.seek(0)
+        offset = 0
+    else:
+        # The line holding byte start-1 belongs to the shard before; it ends at or after it.
+        handle.seek(start - 1)
+        offset = start - 1 + len(handle.readline())
+    line_index = 0
+    while offset < end:
+        raw = handle.readline()
+        if not raw:
+            return
+        yield line_index, offset, raw
+        line_index += 1
+        offset += len(raw)

@@ -1,0 +1,535 @@
+"""An OpenAI-compatible test API server: chat, completions and embeddings, with real rate limits and faults.
+
+The project's tests, demo and benchmark use it over a real socket on 127.0.0.1. It behaves
+like the hosted API where that matters to a client:
+
+    - ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``. The Azure
+      spelling ``/openai/deployments/{name}/...`` works too. Answers echo the request (the
+      last user message, the prompt, the embedded text), so a test can tell that each result
+      belongs to its own request. Usage counts tokens with tiktoken, like the real API.
+    - Rate limits per minute, enforced in short fixed slices (``--slice-seconds``, 1 s by
+      default), as hosted APIs may do. A request over the slice's allowance gets a 429
+      ``rate_limit_exceeded`` with type ``requests`` or ``tokens``. Every answer carries
+      ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*``.
+    - Errors: 400 for a malformed body or a missing model, ``messages`` or ``input``; 404 for an
+      unknown path or a model named ``unknown-*``; 401 for a wrong key when ``--api-key`` is
+      set; 429 ``insufficient_quota`` after ``--quota-after`` requests.
+    - Faults: ``--fault-rate`` answers that share of requests with a 500, a 503, a 502 whose
+      body is HTML (unreadable as JSON), or a dropped connection. It also adds latency.
+    - ``GET /_stats`` reports what was received (counts by status, arrival times, the most
+      requests accepted in any slice, bodies received more than once); ``POST /_reset`` clears it.
+
+Usage:
+    python -m tests.openai_test_server --port 8000 --rpm 6000 --tpm 2000000 --fault-rate 0.02
+
+    >>> server = start_server_thread(ServerConfig(requests_per_minute=6000))
+    >>> server.url            # 'http://127.0.0.1:PORT'
+    >>> server.stats()["status_counts"]
+    >>> server.stop()
+"""
+
+# Standard library imports
+import argparse
+import asyncio
+import collections
+import hashlib
+import json
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+# Third-party imports
+from aiohttp import web
+
+# Local application imports
+from tasks.token_estimation import load_encoding
+
+
+@dataclass
+class ServerConfig:
+    """How the test server behaves.
+
+    Attributes:
+        requests_per_minute: the request limit, or None for none.
+        tokens_per_minute: the token limit (prompt plus max_tokens), or None for none.
+        slice_seconds: the length of the fixed slices the limits are enforced in.
+        fault_rate: the share of requests answered with a fault (500, 503, 502 HTML, dropped).
+        latency_seconds: added to every answer.
+        latency_jitter_seconds: a random extra latency, up to this much.
+        api_key: when set, requests must carry it (Bearer or api-key header).
+        quota_after: after this many accepted requests, answer 429 insufficient_quota.
+        retry_after_seconds: when set, 429 answers carry ``retry-after-ms`` with this wait.
+        seed: the seed of the fault and latency draws.
+    """
+
+    requests_per_minute: Optional[float] = None
+    tokens_per_minute: Optional[float] = None
+    slice_seconds: float = 1.0
+    fault_rate: float = 0.0
+    latency_seconds: float = 0.0
+    latency_jitter_seconds: float = 0.0
+    api_key: Optional[str] = None
+    quota_after: Optional[int] = None
+    retry_after_seconds: Optional[float] = None
+    seed: int = 0
+
+
+@dataclass
+class ServerStats:
+    """What the server has received."""
+
+    status_counts: collections.Counter = field(default_factory=collections.Counter)
+    arrivals: List[float] = field(default_factory=list)
+    accepted_arrivals: List[float] = field(default_factory=list)
+    bodies: collections.Counter = field(default_factory=collections.Counter)
+    max_accepted_in_slice: int = 0
+    tokens_charged: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> Dict[str, Any]:
+        """A JSON view of the stats."""
+        accepted = self.accepted_arrivals
+        span = (accepted[-1] - accepted[0]) if len(accepted) > 1 else 0.0
+        return {
+            "requests": len(self.arrivals),
+            "status_counts": {str(status): count for status, count in sorted(self.status_counts.items())},
+            "rate_limited": self.status_counts.get(429, 0),
+            "accepted": len(accepted),
+            "accepted_span_seconds": span,
+            "accepted_per_minute": (len(accepted) - 1) * 60.0 / span if span > 0 else 0.0,
+            "first_arrival": self.arrivals[0] if self.arrivals else None,
+            "last_arrival": self.arrivals[-1] if self.arrivals else None,
+            "max_accepted_in_slice": self.max_accepted_in_slice,
+            "bodies_received_more_than_once": sum(1 for count in self.bodies.values() if count > 1),
+            "tokens_charged": self.tokens_charged,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+class OpenAITestServer:
+    """The request handlers and the limit bookkeeping of the test server."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.stats = ServerStats()
+        self._random = random.Random(config.seed)
+        self._slice_id = -1
+        self._slice_requests = 0
+        self._slice_tokens = 0
+        self._accepted_total = 0
+
+    def build_app(self) -> web.Application:
+        """The aiohttp application."""
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        for endpoint in ("chat/completions", "completions", "embeddings"):
+            app.router.add_post(f"/v1/{endpoint}", self._handle)
+            app.router.add_post(f"/openai/deployments/{{deployment}}/{endpoint}", self._handle)
+        app.router.add_get("/_stats", self._stats)
+        app.router.add_post("/_reset", self._reset)
+        app.router.add_route("*", "/{tail:.*}", self._not_found)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer one API request."""
+        now = time.monotonic()
+        self.stats.arrivals.append(now)
+        raw = await request.read()
+        self.stats.bodies[hashlib.sha1(raw).hexdigest()] += 1
+        endpoint = _endpoint_of_path(request.path)
+        if self.config.api_key and not _has_key(request, self.config.api_key):
+            return self._error(401, "invalid_request_error", "invalid_api_key",
+                               f"Incorrect API key provided: {_masked(request)}.")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return self._error(400, "invalid_request_error", None, "We could not parse the JSON body of your request.")
+        if not isinstance(body, dict):
+            return self._error(400, "invalid_request_error", None, "The request body must be a JSON object.")
+        model = body.get("model") or request.match_info.get("deployment")
+        if not isinstance(model, str) or not model:
+            return self._error(400, "invalid_request_error", None, "you must provide a model parameter")
+        if model.startswith("unknown-"):
+            return self._error(404, "invalid_request_error", "model_not_found",
+                               f"The model `{model}` does not exist or you do not have access to it.")
+        problem = _validate(endpoint, body)
+        if problem:
+            return self._error(400, "invalid_request_error", None, problem)
+        prompt_tokens, completion_tokens = _usage(endpoint, body, model)
+        charged = prompt_tokens + _requested_completion(endpoint, body)
+        limited = self._admit(now, charged)
+        if limited is not None:
+            return limited
+        if self.config.quota_after is not None and self._accepted_total > self.config.quota_after:
+            return self._error(429, "insufficient_quota", "insufficient_quota",
+                               "You exceeded your current quota, please check your plan and billing details.")
+        await self._delay()
+        fault = self._draw_fault()
+        if fault == "drop":
+            self.stats.status_counts[0] += 1  # 0 stands for "connection dropped"
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=500)
+        if fault == "502":
+            return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+        if fault in ("500", "503"):
+            return self._error(int(fault), "server_error", None, "The server had an error while processing your request.")
+        self.stats.prompt_tokens += prompt_tokens
+        self.stats.completion_tokens += completion_tokens
+        return web.json_response(_answer(endpoint, body, model, prompt_tokens, completion_tokens),
+                                 headers=self._limit_headers(now))
+
+    def _admit(self, now: float, tokens: int) -> Optional[web.Response]:
+        """Count a request against the current slice, or answer 429 when it does not fit."""
+        config = self.config
+        slice_id = math.floor(now / config.slice_seconds)
+        if slice_id != self._slice_id:
+            self._slice_id, self._slice_requests, self._slice_tokens = slice_id, 0, 0
+        request_allowance, token_allowance = self._allowances()
+        if self._slice_requests + 1 > request_allowance:
+            return self._rate_limited("requests", now)
+        if self._slice_tokens + tokens > token_allowance:
+            return self._rate_limited("tokens", now)
+        self._slice_requests += 1
+        self._slice_tokens += tokens
+        self._accepted_total += 1
+        self.stats.tokens_charged += tokens
+        self.stats.accepted_arrivals.append(now)
+        self.stats.max_accepted_in_slice = max(self.stats.max_accepted_in_slice, self._slice_requests)
+        return None
+
+    def _allowances(self) -> Tuple[float, float]:
+        """How many requests and tokens one slice allows."""
+        share = self.config.slice_seconds / 60.0
+        requests = self.config.requests_per_minute * share if self.config.requests_per_minute else math.inf
+        tokens = self.config.tokens_per_minute * share if self.config.tokens_per_minute else math.inf
+        return requests, tokens
+
+    def _rate_limited(self, scope: str, now: float) -> web.Response:
+        """A 429 in OpenAI's words, naming the limit that was hit."""
+        limit = self.config.requests_per_minute if scope == "requests" else self.config.tokens_per_minute
+        unit = "requests per min (RPM)" if scope == "requests" else "tokens per min (TPM)"
+        message = f"Rate limit reached for default-model in organization org-test on {unit}: Limit {limit:.0f}."
+        headers = self._limit_headers(now)
+        if self.config.retry_after_seconds is not None:
+            headers["retry-after-ms"] = str(int(self.config.retry_after_seconds * 1000))
+        return self._error(429, scope, "rate_limit_exceeded", message, headers)
+
+    def _limit_headers(self, now: float) -> Dict[str, str]:
+        """OpenAI's x-ratelimit-* headers for the current slice."""
+        headers: Dict[str, str] = {"x-request-id": f"req_{self._random.getrandbits(64):016x}"}
+        reset = f"{max(0, int(((self._slice_id + 1) * self.config.slice_seconds - now) * 1000))}ms"
+        request_allowance, token_allowance = self._allowances()
+        scale = 60.0 / self.config.slice_seconds
+        if self.config.requests_per_minute:
+            headers["x-ratelimit-limit-requests"] = str(int(self.config.requests_per_minute))
+            headers["x-ratelimit-remaining-requests"] = str(int(max(0, request_allowance - self._slice_requests) * scale))
+            headers["x-ratelimit-reset-requests"] = reset
+        if self.config.tokens_per_minute:
+            headers["x-ratelimit-limit-tokens"] = str(int(self.config.tokens_per_minute))
+            headers["x-ratelimit-remaining-tokens"] = str(int(max(0, token_allowance - self._slice_tokens) * scale))
+            headers["x-ratelimit-reset-tokens"] = reset
+        return headers
+
+    async def _delay(self) -> None:
+        """Wait the configured latency."""
+        latency = self.config.latency_seconds
+        if self.config.latency_jitter_seconds:
+            latency += self._random.random() * self.config.latency_jitter_seconds
+        if latency > 0:
+            await asyncio.sleep(latency)
+
+    def _draw_fault(self) -> Optional[str]:
+        """Decide whether this request gets a fault, and which."""
+        if self.config.fault_rate <= 0 or self._random.random() >= self.config.fault_rate:
+            return None
+        return self._random.choice(["500", "503", "502", "drop"])
+
+    def _error(self, status: int, kind: str, code: Optional[str], message: str,
+               headers: Optional[Dict[str, str]] = None) -> web.Response:
+        """An error answer in OpenAI's shape."""
+        self.stats.status_counts[status] += 1
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        return web.json_response(body, status=status, headers=headers)
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        """Any other path."""
+        if request.path.startswith("/_"):
+            raise web.HTTPNotFound()
+        self.stats.arrivals.append(time.monotonic())
+        return self._error(404, "invalid_request_error", None, f"Invalid URL ({request.method} {request.path})")
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        """GET /_stats."""
+        return web.json_response(self.stats.as_dict())
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        """POST /_reset."""
+        self.stats = ServerStats()
+        self._accepted_total = 0
+        return web.json_response({"ok": True})
+
+
+@web.middleware
+async def _count_successes(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Count 2xx answers (errors are counted where they are made)."""
+    response = await handler(request)
+    if 200 <= response.status < 300 and not request.path.startswith("/_"):
+        request.app["server"].stats.status_counts[response.status] += 1
+    elif response.status == 502:
+        request.app["server"].stats.status_counts[502] += 1
+    return response
+
+
+@dataclass
+class RunningServer:
+    """A test server running on its own thread and event loop."""
+
+    url: str
+    server: OpenAITestServer
+    _loop: asyncio.AbstractEventLoop
+    _thread: threading.Thread
+    _runner: web.AppRunner
+
+    def stats(self) -> Dict[str, Any]:
+        """The server's stats (read on its own loop)."""
+        return asyncio.run_coroutine_threadsafe(_call(self.server.stats.as_dict), self._loop).result(10)
+
+    def reset(self) -> None:
+        """Clear the stats."""
+        async def clear() -> None:
+            self.server.stats = ServerStats()
+            self.server._accepted_total = 0
+        asyncio.run_coroutine_threadsafe(clear(), self._loop).result(10)
+
+    def stop(self) -> None:
+        """Stop the server and its thread."""
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def build_application(config: ServerConfig) -> Tuple[web.Application, OpenAITestServer]:
+    """Build the aiohttp application and its server object."""
+    server = OpenAITestServer(config)
+    app = server.build_app()
+    app.middlewares.append(_count_successes)
+    app["server"] = server
+    return app, server
+
+
+def start_server_thread(config: ServerConfig, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
+    """Start a test server on a thread of its own; ``port=0`` picks a free port."""
+    loop = asyncio.new_event_loop()
+    app, server = build_application(config)
+    runner = web.AppRunner(app, access_log=None)
+    ready = threading.Event()
+    holder: Dict[str, Any] = {}
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, host, port)
+            loop.run_until_complete(site.start())
+            holder["port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        except BaseException as error:  # report start-up failures to the caller
+            holder["error"] = error
+            ready.set()
+            return
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, name="openai-test-server", daemon=True)
+    thread.start()
+    ready.wait(30)
+    if "error" in holder:
+        raise holder["error"]
+    return RunningServer(f"http://{host}:{holder['port']}", server, loop, thread, runner)
+
+
+def parse_arguments() -> argparse.Namespace:
+    """Command-line options of the standalone server."""
+    parser = argparse.ArgumentParser(description="An OpenAI-compatible test API server with rate limits and faults.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--rpm", type=float, default=None, help="requests per minute allowed (default: no limit)")
+    parser.add_argument("--tpm", type=float, default=None, help="tokens per minute allowed (default: no limit)")
+    parser.add_argument("--slice-seconds", type=float, default=1.0, help="slice the limits are enforced in (default: 1)")
+    parser.add_argument("--fault-rate", type=float, default=0.0, help="share of requests that get a fault (default: 0)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every answer (default: 0)")
+    parser.add_argument("--latency-jitter", type=float, default=0.0, help="random extra latency, up to (default: 0)")
+    parser.add_argument("--api-key", default=None, help="require this key (default: no key needed)")
+    parser.add_argument("--quota-after", type=int, default=None, help="answer insufficient_quota after N requests")
+    parser.add_argument("--retry-after", type=float, default=None, help="send retry-after-ms on 429 answers (seconds)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fault and latency draws (default: 0)")
+    parser.add_argument("--port-file", default=None, help="write the chosen port to this file once listening")
+    return parser.parse_args()
+
+
+async def serve_forever(args: argparse.Namespace) -> None:
+    """Run the standalone server until interrupted."""
+    config = ServerConfig(requests_per_minute=args.rpm, tokens_per_minute=args.tpm, slice_seconds=args.slice_seconds,
+                          fault_rate=args.fault_rate, latency_seconds=args.latency,
+                          latency_jitter_seconds=args.latency_jitter, api_key=args.api_key,
+                          quota_after=args.quota_after, retry_after_seconds=args.retry_after, seed=args.seed)
+    app, _ = build_application(config)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    if args.port_file:
+        with open(args.port_file, "w") as handle:
+            handle.write(str(port))
+    print(f"OpenAI test server listening on http://{args.host}:{port}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+# Helpers
+
+
+async def _call(function: Any) -> Any:
+    """Run a plain function on the server's loop."""
+    return function()
+
+
+def _endpoint_of_path(path: str) -> str:
+    """"chat", "completions" or "embeddings" from a request path."""
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/embeddings"):
+        return "embeddings"
+    return "completions"
+
+
+def _has_key(request: web.Request, key: str) -> bool:
+    """True when the request carries the key, as Bearer or api-key."""
+    return request.headers.get("Authorization") == f"Bearer {key}" or request.headers.get("api-key") == key
+
+
+def _masked(request: web.Request) -> str:
+    """The presented key masked the way OpenAI masks it in 401 messages."""
+    presented = request.headers.get("api-key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+    return f"{presented[:3]}*****{presented[-4:]}" if len(presented) > 8 else "*****"
+
+
+def _validate(endpoint: str, body: Dict[str, Any]) -> Optional[str]:
+    """A 400 message for an invalid body, or None."""
+    if endpoint == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return "'messages' is a required property and must be a non-empty array"
+        if not all(isinstance(message, dict) and "role" in message for message in messages):
+            return "each message must be an object with a 'role'"
+    elif endpoint == "embeddings":
+        if body.get("input") in (None, "", []):
+            return "'input' is a required property"
+    elif body.get("prompt") is None:
+        return "'prompt' is a required property"
+    for name in ("max_tokens", "max_completion_tokens", "n"):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or value < (1 if name == "n" else 0)):
+            return f"Invalid '{name}': {value!r}"
+    return None
+
+
+def _encoding_for(model: str) -> Any:
+    """The tokenizer the real API uses for a model."""
+    modern = model.startswith(("gpt-4o", "gpt-4.1", "gpt-5", "o1", "o3", "o4", "chatgpt-4o"))
+    return load_encoding("o200k_base" if modern else "cl100k_base")
+
+
+def _text_tokens(value: Any, encoding: Any) -> int:
+    """Tokens of a string, a list of strings, or token arrays."""
+    if isinstance(value, str):
+        return len(encoding.encode_ordinary(value))
+    if isinstance(value, list):
+        if all(isinstance(item, int) for item in value):
+            return len(value)
+        return sum(_text_tokens(item, encoding) for item in value)
+    return 0 if value is None else len(encoding.encode_ordinary(json.dumps(value)))
+
+
+def _content_text(content: Any) -> str:
+    """The text of a message's content (string or parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+    return ""
+
+
+def _echo(endpoint: str, body: Dict[str, Any]) -> str:
+    """What the answer says: an echo of the request."""
+    if endpoint == "chat":
+        users = [m for m in body["messages"] if m.get("role") == "user"] or body["messages"]
+        return "echo: " + _content_text(users[-1].get("content"))[:500]
+    prompt = body.get("prompt")
+    return "echo: " + (prompt if isinstance(prompt, str) else json.dumps(prompt))[:500]
+
+
+def _usage(endpoint: str, body: Dict[str, Any], model: str) -> Tuple[int, int]:
+    """Prompt and completion tokens, counted the way the API counts them."""
+    encoding = _encoding_for(model)
+    if endpoint == "embeddings":
+        return _text_tokens(body.get("input"), encoding), 0
+    if endpoint == "completions":
+        prompt = _text_tokens(body.get("prompt"), encoding)
+    else:
+        prompt = 3
+        for message in body["messages"]:
+            prompt += 3
+            for key, value in message.items():
+                text = _content_text(value) if key == "content" else value
+                prompt += _text_tokens(text, encoding) + (1 if key == "name" else 0)
+    cap = body.get("max_completion_tokens") or body.get("max_tokens") or 10_000
+    completion = min(cap, len(encoding.encode_ordinary(_echo(endpoint, body)))) * (body.get("n") or 1)
+    return prompt, completion
+
+
+def _requested_completion(endpoint: str, body: Dict[str, Any]) -> int:
+    """The completion tokens a request reserves against the token limit."""
+    if endpoint == "embeddings":
+        return 0
+    return (body.get("max_completion_tokens") or body.get("max_tokens") or 16) * (body.get("n") or 1)
+
+
+def _answer(endpoint: str, body: Dict[str, Any], model: str, prompt_tokens: int, completion_tokens: int) -> Dict[str, Any]:
+    """A successful answer in OpenAI's shape."""
+    created = int(time.time())
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if endpoint == "embeddings":
+        inputs = body["input"] if isinstance(body["input"], list) and not all(isinstance(i, int) for i in body["input"]) else [body["input"]]
+        data = [{"object": "embedding", "index": index, "embedding": _vector(item)} for index, item in enumerate(inputs)]
+        return {"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+    text = _echo(endpoint, body)
+    choices = body.get("n") or 1
+    if endpoint == "chat":
+        return {"id": f"chatcmpl-{created}", "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                            for i in range(choices)], "usage": usage}
+    return {"id": f"cmpl-{created}", "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": i, "text": text, "finish_reason": "stop"} for i in range(choices)], "usage": usage}
+
+
+def _vector(item: Any) -> List[float]:
+    """A small deterministic embedding of an input."""
+    digest = hashlib.sha256(json.dumps(item).encode()).digest()
+    return [round(byte / 255.0, 4) for byte in digest[:8]]
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(serve_forever(parse_arguments()))
+    except KeyboardInterrupt:
+        pass
