@@ -274,14 +274,17 @@ class OpenAITestServer:
         return web.json_response({"ok": True})
 
 
+SERVER_KEY = web.AppKey("server", OpenAITestServer)
+
+
 @web.middleware
 async def _count_successes(request: web.Request, handler: Any) -> web.StreamResponse:
     """Count 2xx answers (errors are counted where they are made)."""
     response = await handler(request)
     if 200 <= response.status < 300 and not request.path.startswith("/_"):
-        request.app["server"].stats.status_counts[response.status] += 1
+        request.app[SERVER_KEY].stats.status_counts[response.status] += 1
     elif response.status == 502:
-        request.app["server"].stats.status_counts[502] += 1
+        request.app[SERVER_KEY].stats.status_counts[502] += 1
     return response
 
 
@@ -318,7 +321,7 @@ def build_application(config: ServerConfig) -> Tuple[web.Application, OpenAITest
     server = OpenAITestServer(config)
     app = server.build_app()
     app.middlewares.append(_count_successes)
-    app["server"] = server
+    app[SERVER_KEY] = server
     return app, server
 
 

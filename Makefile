@@ -1,0 +1,31 @@
+# prefect-parallel-requests: install, demo, tests and benchmark.
+#   make demo    create .venv, start the local test API, run the flow on the example file
+#   make test    create .venv and run the whole test suite
+#   make bench   the benchmark (see README, "Benchmark")
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: install
+	PYTHONPATH=. $(BIN)/python examples/run_demo.py
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	PYTHONPATH=. $(BIN)/python bench/benchmark.py
+
+clean:
+	rm -rf $(VENV) examples/output .pytest_cache

@@ -1,0 +1,59 @@
+"""Shared fixtures: a real Prefect API (test harness), and OpenAI-compatible test servers on 127.0.0.1.
+
+Every test that sends requests talks to a real ``tests.openai_test_server`` over a socket;
+flow tests run against a real (temporary, SQLite) Prefect server started once per session.
+"""
+
+# Standard library imports
+import json
+import os
+from typing import Any, Callable, Iterator, List
+
+# Settings that must be in place before Prefect is imported anywhere.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+# Third-party imports
+import pytest
+
+# Local application imports
+from tests.openai_test_server import RunningServer, ServerConfig, start_server_thread
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> Iterator[str]:
+    """A temporary Prefect server for the whole session; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def api_server() -> Iterator[Callable[..., RunningServer]]:
+    """A factory of test API servers (each on its own thread and free port), stopped after the test."""
+    servers: List[RunningServer] = []
+
+    def start(**config: Any) -> RunningServer:
+        server = start_server_thread(ServerConfig(**config))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def write_jsonl(path: Any, rows: List[Any]) -> str:
+    """Write rows (objects are serialised; strings are written as they are) as lines of a file."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)
+
+
+def read_jsonl(path: Any) -> List[Any]:
+    """Read a JSONL file into a list."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

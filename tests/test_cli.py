@@ -1,0 +1,138 @@
+"""The command line, run as a user runs it: the Cookbook's flags verbatim, exit codes, no tracebacks, no leaked key."""
+
+# Standard library imports
+import json
+import os
+import random
+import subprocess
+import sys
+from typing import Any, Dict, List
+
+# Third-party imports
+import pytest
+
+# Local application imports
+from tests.conftest import read_jsonl, write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = os.path.join(os.path.dirname(sys.executable), "parallel-requests")
+KEY = "sk-test-CLISECRET-0123456789abcdef"
+
+
+def _env(**extra: str) -> Dict[str, str]:
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("PREFECT_API") and name != "OPENAI_API_KEY"}
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
+    return env
+
+
+def _mixed_rows(count: int) -> List[Any]:
+    """Valid chat requests with malformed lines, 404s (unknown model) and 400s (bad messages) spread through."""
+    rng = random.Random(7)
+    rows: List[Any] = []
+    for i in range(count):
+        if i % 250 == 7:
+            rows.append('{"model": "gpt-4o-mini", "messages": [')
+        elif i % 300 == 11:
+            rows.append({"model": "unknown-model", "messages": [{"role": "user", "content": f"row {i}"}], "metadata": {"row": i}})
+        elif i % 300 == 13:
+            rows.append({"model": "gpt-4o-mini", "messages": "not a list", "metadata": {"row": i}})
+        else:
+            text = f"row {i} " + "lorem ipsum " * rng.randint(1, 30)
+            rows.append({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], "max_tokens": 50,
+                         "metadata": {"row": i}})
+    return rows
+
+
+def test_cookbook_command_line_at_6000_rpm_in_one_second_slices(api_server, tmp_path) -> None:
+    server = api_server(requests_per_minute=6000, slice_seconds=1.0, fault_rate=0.02, api_key=KEY,
+                        latency_seconds=0.02, latency_jitter_seconds=0.05, seed=11)
+    rows = _mixed_rows(2000)
+    source = write_jsonl(tmp_path / "requests.jsonl", rows)
+    save = str(tmp_path / "results.jsonl")
+    command = [
+        CLI, "--requests_filepath", source, "--save_filepath", save,
+        "--request_url", f"{server.url}/v1/chat/completions", "--api_key", KEY,
+        "--max_requests_per_minute", "6000", "--max_tokens_per_minute", "10000000",
+        "--token_encoding_name", "cl100k_base", "--max_attempts", "5", "--logging_level", "20",
+    ]
+    # The real user path: Prefect's embedded API in a fresh home, started and stopped by the run.
+    result = subprocess.run(command, cwd=ROOT, env=_env(PREFECT_HOME=str(tmp_path / "prefect-home")),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert KEY not in result.stdout + result.stderr
+
+    results = read_jsonl(save)
+    assert len(results) == len(rows)
+    malformed = invalid = 0
+    for row, line in zip(rows, results):
+        if isinstance(row, str):
+            malformed += 1
+            assert line[0] == row and "requests.jsonl line" in line[1][0]
+            continue
+        assert line[0] == {key: value for key, value in row.items() if key != "metadata"}
+        assert line[2] == row["metadata"]
+        if row["model"] == "unknown-model" or row["messages"] == "not a list":
+            invalid += 1
+            assert isinstance(line[1], list) and len(line[1]) == 1  # reported after one attempt
+        else:
+            assert line[1]["choices"][0]["message"]["content"] == "echo: " + row["messages"][0]["content"]
+    stats = server.stats()
+    assert stats["status_counts"]["404"] + stats["status_counts"]["400"] == invalid  # each sent once
+    assert stats["rate_limited"] < 0.01 * stats["requests"], stats
+    assert stats["accepted_per_minute"] >= 0.95 * 6000, stats
+    assert stats["max_accepted_in_slice"] <= 100
+    assert "parallel-requests complete" in result.stdout
+    assert f"{len(rows) - malformed - invalid:,} succeeded" in result.stdout
+
+
+def test_dashed_flags_and_python_dash_m(prefect_api_url, api_server, tmp_path) -> None:
+    server = api_server()
+    source = write_jsonl(tmp_path / "emb.jsonl", [{"model": "text-embedding-3-small", "input": f"t{i}"} for i in range(50)])
+    command = [sys.executable, "-m", "flows.parallel_requests", "--requests-filepath", source,
+               "--request-url", f"{server.url}/v1/embeddings", "--max-requests-per-minute", "inf",
+               "--max-tokens-per-minute", "inf", "--max-in-flight", "8", "--shards", "5", "--logging-level", "DEBUG"]
+    result = subprocess.run(command, cwd=ROOT, env=_env(PREFECT_API_URL=prefect_api_url), capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = read_jsonl(tmp_path / "emb_results.jsonl")
+    assert [line[0]["input"] for line in results] == [f"t{i}" for i in range(50)]
+    assert all(line[1]["object"] == "list" for line in results)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--max_requests_per_minute", "0"], "max_requests_per_minute must be positive"),
+        (["--max_tokens_per_minute", "-10"], "max_tokens_per_minute must be positive"),
+        (["--max_attempts", "0"], "max_attempts must be at least 1"),
+    ],
+)
+def test_bad_settings_exit_2_with_one_line(tmp_path, arguments: List[str], message: str) -> None:
+    source = write_jsonl(tmp_path / "r.jsonl", [{"model": "m", "input": "x"}])
+    result = subprocess.run([CLI, "--requests_filepath", source, *arguments], cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"parallel-requests: error: {result.stderr.split('error: ', 1)[1].strip()}"]
+    assert message in result.stderr
+
+
+def test_missing_input_names_the_file(tmp_path) -> None:
+    missing = str(tmp_path / "nope.jsonl")
+    result = subprocess.run([CLI, "--requests_filepath", missing], cwd=ROOT, env=_env(), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and missing in result.stderr and "Traceback" not in result.stderr
+
+
+def test_wrong_key_stops_with_exit_1_and_never_prints_the_key(prefect_api_url, api_server, tmp_path) -> None:
+    server = api_server(api_key="sk-the-right-one-0000000000")
+    source = write_jsonl(tmp_path / "r.jsonl", [{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}] * 20)
+    result = subprocess.run([CLI, "--requests_filepath", source, "--request_url", f"{server.url}/v1/chat/completions",
+                             "--max_in_flight", "2"], cwd=ROOT,
+                            env=_env(PREFECT_API_URL=prefect_api_url, OPENAI_API_KEY=KEY), capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("parallel-requests: stopped early: HTTP 401 invalid_api_key")
+    assert KEY not in result.stdout + result.stderr
+    assert server.stats()["requests"] <= 3

@@ -1,0 +1,120 @@
+"""Token estimates: chat (string and parts), completions, embeddings, per-model encodings, no network."""
+
+# Standard library imports
+import os
+import subprocess
+import sys
+import time
+
+# Third-party imports
+import pytest
+import tiktoken
+
+# Local application imports
+from tasks.token_estimation import (
+    EncodingUnavailable,
+    TokenEstimator,
+    encoding_name_for_model,
+    load_encoding,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tokens(text: str, name: str = "o200k_base") -> int:
+    return len(load_encoding(name).encode_ordinary(text))
+
+
+def test_chat_counts_messages_names_and_the_completion_times_n() -> None:
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "name": "ann", "content": "What is the capital of France?"},
+        ],
+        "max_tokens": 40,
+        "n": 2,
+    }
+    prompt = (3 + _tokens("system") + _tokens("You are terse.")
+              + 3 + _tokens("user") + _tokens("ann") + 1 + _tokens("What is the capital of France?") + 3)
+    assert TokenEstimator().estimate(body) == prompt + 40 * 2
+
+
+def test_chat_content_parts_count_text_and_images() -> None:
+    parts = {"model": "gpt-4o", "max_completion_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Describe this picture"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    ]}]}
+    expected = 3 + _tokens("user") + _tokens("Describe this picture") + 85 + 3 + 5
+    assert TokenEstimator().estimate(parts) == expected
+
+
+def test_completions_with_a_list_of_prompts() -> None:
+    body = {"model": "gpt-3.5-turbo-instruct", "prompt": ["one two", "three"], "max_tokens": 7, "n": 3}
+    expected = _tokens("one two", "cl100k_base") + _tokens("three", "cl100k_base") + 7 * 3 * 2
+    assert TokenEstimator().estimate(body) == expected
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("hello world", lambda: _tokens("hello world", "cl100k_base")),
+        (["hello", "big world"], lambda: _tokens("hello", "cl100k_base") + _tokens("big world", "cl100k_base")),
+        ([1, 2, 3, 4], lambda: 4),
+        ([[1, 2], [3, 4, 5]], lambda: 5),
+    ],
+)
+def test_embeddings_inputs(value: object, expected) -> None:
+    body = {"model": "text-embedding-3-small", "input": value}
+    assert TokenEstimator().estimate(body) == expected()
+
+
+def test_encoding_follows_the_model_unless_forced() -> None:
+    assert encoding_name_for_model("gpt-4o-mini") == "o200k_base"
+    assert encoding_name_for_model("gpt-4.1-nano") == "o200k_base"
+    assert encoding_name_for_model("o3-mini") == "o200k_base"
+    assert encoding_name_for_model("gpt-4") == "cl100k_base"
+    assert encoding_name_for_model("gpt-3.5-turbo") == "cl100k_base"
+    assert encoding_name_for_model("text-embedding-3-small") == "cl100k_base"
+    assert encoding_name_for_model(None) == "cl100k_base"
+    body = {"model": "gpt-4o-mini", "input": "Schadenfreude über alles"}
+    forced = TokenEstimator.for_name("cl100k_base").estimate(body)
+    assert forced == _tokens("Schadenfreude über alles", "cl100k_base")
+    assert TokenEstimator().estimate(body) == _tokens("Schadenfreude über alles", "o200k_base")
+
+
+def test_loaded_encodings_match_tiktoken_reference_counts() -> None:
+    # Well-known counts: "hello world" is 2 tokens in both encodings.
+    assert load_encoding("cl100k_base").encode("hello world") == [15339, 1917]
+    assert isinstance(load_encoding("o200k_base"), tiktoken.Encoding)
+
+
+def test_special_token_text_is_counted_as_plain_text() -> None:
+    body = {"model": "gpt-4", "input": "<|endoftext|>"}
+    assert TokenEstimator().estimate(body) > 1
+
+
+def test_unknown_encoding_fails_at_once() -> None:
+    with pytest.raises(EncodingUnavailable, match="not available offline"):
+        TokenEstimator.for_name("r50k_base")
+
+
+def test_works_with_no_network_and_an_empty_cache(tmp_path) -> None:
+    # A fresh cache folder, proxies that lead nowhere, and tiktoken's downloader made to fail loudly:
+    # loading must not try the network at all.
+    code = (
+        "import requests\n"
+        "def refuse(*args, **kwargs):\n"
+        "    raise SystemExit('the network was used')\n"
+        "requests.get = refuse\n"
+        "from tasks.token_estimation import TokenEstimator\n"
+        "e = TokenEstimator()\n"
+        "print(e.estimate({'model': 'gpt-4o-mini', 'input': 'hi'}), e.estimate({'model': 'gpt-4', 'input': 'hi'}))\n"
+    )
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "cache"), HTTPS_PROXY="http://127.0.0.1:9",
+               HTTP_PROXY="http://127.0.0.1:9")
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "1"]
+    assert time.monotonic() - start < 30
