@@ -44,6 +44,9 @@ from typing import Any, Dict, Mapping, Optional
 # Third-party imports
 import aiohttp
 
+# Local application imports
+from tasks import fast_json
+
 # Statuses that are worth another attempt besides 5xx.
 RETRYABLE_STATUSES = frozenset({408, 409})
 # Statuses that stop the whole run: the key is wrong or has no access.
@@ -151,7 +154,7 @@ def decide(status: int, raw: bytes, headers: Mapping[str, str], api_key: Optiona
     """
     request_id = headers.get("x-request-id")
     try:
-        body = json.loads(raw) if raw else None
+        body = fast_json.loads(raw) if raw else None
     except ValueError:
         body = None
     error_info = body.get("error") if isinstance(body, dict) else None

@@ -15,20 +15,20 @@ number, which is known only once the shards before have been counted.
 
 Usage:
     >>> with PartWriter(work_dir / "shard-00001.part") as part:
-    ...     part.write_result(0, '[{"model": "m"}, {"data": []}]')
+    ...     part.write_result(0, b'[{"model": "m"}, {"data": []}]')
     >>> report = assemble_output("out.jsonl", [PartInfo(path, line_count=1, first_line_number=1)],
     ...                          RequestShape.COOKBOOK, "requests.jsonl")
 """
 
 # Standard library imports
 import array
-import json
 import os
 import uuid
 from dataclasses import dataclass, field
 from typing import IO, List, Optional, Sequence
 
 # Local application imports
+from tasks import fast_json
 from tasks.request_formats import InvalidLine, RequestShape, format_invalid_line
 
 # How many example messages of invalid lines the assembly keeps for the summary.
@@ -69,7 +69,7 @@ class PartWriter:
     def __init__(self, path: str) -> None:
         """Open (create or append to) the part file at ``path``."""
         self.path = path
-        self._handle: Optional[IO[str]] = open(path, "a", encoding="utf-8", newline="\n")
+        self._handle: Optional[IO[bytes]] = open(path, "ab")
 
     def __enter__(self) -> "PartWriter":
         return self
@@ -77,16 +77,16 @@ class PartWriter:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def write_result(self, line_index: int, output_line: str) -> None:
-        """Record a request's final output line."""
+    def write_result(self, line_index: int, output_line: bytes) -> None:
+        """Record a request's final output line (UTF-8 JSON, without a newline)."""
         assert self._handle is not None
-        self._handle.write(f"{line_index}\tr\t{output_line}\n")
+        self._handle.write(b"%d\tr\t%b\n" % (line_index, output_line))
 
     def write_invalid(self, line: InvalidLine) -> None:
         """Record an invalid input line; its message is completed at assembly."""
         assert self._handle is not None
         envelope = {"reason": line.reason, "raw": line.raw_text, "custom_id": line.custom_id}
-        self._handle.write(f"{line.line_index}\ti\t{json.dumps(envelope, ensure_ascii=False)}\n")
+        self._handle.write(b"%d\ti\t%b\n" % (line.line_index, fast_json.dumps(envelope)))
 
     def flush(self) -> None:
         """Push buffered rows to the operating system."""
@@ -160,12 +160,12 @@ def _copy_part_in_order(part: PartInfo, output: IO[bytes], shape: RequestShape, 
             first_tab = raw.index(b"\t")
             kind, payload = raw[first_tab + 1 : first_tab + 2], raw[first_tab + 3 :]
             if kind == b"i":
-                envelope = json.loads(payload)
+                envelope = fast_json.loads(payload)
                 message = f"{source_name} line {part.first_line_number + index}: {envelope['reason']}"
                 if len(report.invalid_line_examples) < EXAMPLE_LIMIT:
                     report.invalid_line_examples.append(message)
                 line = InvalidLine(index, envelope["reason"], envelope["raw"], envelope.get("custom_id"))
-                payload = (format_invalid_line(line, shape, message) + "\n").encode("utf-8")
+                payload = format_invalid_line(line, shape, message) + b"\n"
             output.write(payload)
             written += 1
     return written

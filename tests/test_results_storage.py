@@ -15,13 +15,13 @@ from tasks.results_storage import PartInfo, PartWriter, assemble_output
 def test_rows_come_out_in_input_order_with_global_line_numbers(tmp_path) -> None:
     first, second = str(tmp_path / "a.part"), str(tmp_path / "b.part")
     with PartWriter(first) as part:  # shard 1: lines 1-4, line 3 blank, finished out of order
-        part.write_result(3, '["row 4"]')
-        part.write_result(0, '["row 1"]')
+        part.write_result(3, b'["row 4"]')
+        part.write_result(0, b'["row 1"]')
         part.write_invalid(InvalidLine(1, "invalid JSON (x)", "{bad", None))
-        part.write_result(0, '["row 1 again"]')  # a duplicate never doubles a row
+        part.write_result(0, b'["row 1 again"]')  # a duplicate never doubles a row
     with PartWriter(second) as part:  # shard 2: lines 5-6
         part.write_invalid(InvalidLine(1, "expected a JSON object, got list", "[1]", None))
-        part.write_result(0, '["row 5"]')
+        part.write_result(0, b'["row 5"]')
     out = tmp_path / "out.jsonl"
     report = assemble_output(str(out), [PartInfo(first, 4, 1), PartInfo(second, 2, 5)], RequestShape.COOKBOOK, "in.jsonl")
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -1,0 +1,232 @@
+"""Benchmark: the flow against a bare aiohttp client, pacing under a 1-second-slice limit, and memory as input grows.
+
+Three measurements, each against the project's OpenAI-compatible test server, run as its
+own process on 127.0.0.1 so that it has a core of its own:
+
+    1. No limits. A bare aiohttp client (one shared session, 200 requests in flight) sends N
+       embeddings requests; then the flow sends the same file with no limits and 200 in
+       flight. Both rates are measured at the server, from the first request to the last.
+       Reported: both rates, their ratio, and the flow's start-up time (process start to the
+       first request the server receives).
+    2. 6,000 RPM enforced in 1-second slices. The flow sends 3,000 chat requests with
+       ``--max_requests_per_minute 6000``. Reported: the sustained rate over the limit, and
+       the 429 count.
+    3. Peak memory (max RSS of the flow's process, not counting Prefect's embedded server
+       process) for inputs of 10,000 and 100,000 lines.
+
+Usage:
+    make bench
+    PYTHONPATH=. .venv/bin/python bench/benchmark.py                  # the full run (a few minutes)
+    PYTHONPATH=. .venv/bin/python bench/benchmark.py --requests 5000 --memory-lines 2000 20000
+
+Pitfalls:
+    - The machine has 2 cores: the server takes one, the client the other. Close other work
+      first; numbers move by a few percent from run to run.
+"""
+
+# Standard library imports
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any, Dict, List, Optional
+
+# Third-party imports
+import aiohttp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = os.path.join(os.path.dirname(sys.executable), "parallel-requests")
+
+
+async def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run the three measurements and return their numbers."""
+    results: Dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="parallel-requests-bench-") as work:
+        # 1. No limits: the flow against a bare aiohttp client over the same server.
+        source = _write_embeddings_file(os.path.join(work, "unlimited.jsonl"), args.requests)
+        with TestServer(work) as server:
+            bare = await bare_aiohttp_client(f"{server.url}/v1/embeddings", source, concurrency=200)
+            bare_stats = server.stats_and_reset()
+            flow = run_flow_cli(source, f"{server.url}/v1/embeddings", work, ["--max_requests_per_minute", "inf",
+                                "--max_tokens_per_minute", "inf", "--max_in_flight", "200"])
+            flow_stats = server.stats_and_reset()
+        results["unlimited"] = {
+            "requests": args.requests,
+            "bare_aiohttp_requests_per_second": bare_stats["accepted_per_minute"] / 60.0,
+            "bare_aiohttp_wall_seconds": bare,
+            "flow_requests_per_second": flow_stats["accepted_per_minute"] / 60.0,
+            "ratio_flow_to_bare": flow_stats["accepted_per_minute"] / bare_stats["accepted_per_minute"],
+            "flow_startup_to_first_request_seconds": flow_stats["first_arrival"] - flow["started_at"],
+            "flow_exit_status": flow["exit_status"],
+        }
+        _print_section("1. No limits", results["unlimited"])
+
+        # 2. 6,000 RPM enforced in one-second slices.
+        source = _write_chat_file(os.path.join(work, "limited.jsonl"), args.limited_requests)
+        with TestServer(work, "--rpm", "6000", "--slice-seconds", "1") as server:
+            flow = run_flow_cli(source, f"{server.url}/v1/chat/completions", work,
+                                ["--max_requests_per_minute", "6000", "--max_tokens_per_minute", "inf"])
+            stats = server.stats_and_reset()
+        results["limited_6000_rpm"] = {
+            "requests": args.limited_requests,
+            "sustained_requests_per_minute": stats["accepted_per_minute"],
+            "share_of_limit": stats["accepted_per_minute"] / 6000.0,
+            "answered_429": stats["rate_limited"],
+            "requests_received": stats["requests"],
+            "most_accepted_in_one_second_slice": stats["max_accepted_in_slice"],
+            "flow_exit_status": flow["exit_status"],
+        }
+        _print_section("2. 6,000 RPM in 1-second slices", results["limited_6000_rpm"])
+
+        # 3. Peak memory as the input grows.
+        memory: Dict[str, Any] = {}
+        with TestServer(work) as server:
+            for lines in args.memory_lines:
+                source = _write_embeddings_file(os.path.join(work, f"memory-{lines}.jsonl"), lines)
+                flow = run_flow_cli(source, f"{server.url}/v1/embeddings", work, ["--max_requests_per_minute", "inf",
+                                    "--max_tokens_per_minute", "inf"], measure_memory=True)
+                memory[f"peak_rss_mb_{lines}_lines"] = flow["peak_rss_mb"]
+                memory[f"exit_status_{lines}_lines"] = flow["exit_status"]
+                server.stats_and_reset()
+        low, high = min(args.memory_lines), max(args.memory_lines)
+        memory["growth_mb"] = memory[f"peak_rss_mb_{high}_lines"] - memory[f"peak_rss_mb_{low}_lines"]
+        results["memory"] = memory
+        _print_section("3. Peak memory of the flow process", memory)
+    return results
+
+
+async def bare_aiohttp_client(url: str, source: str, concurrency: int) -> float:
+    """The baseline: one shared session, ``concurrency`` requests in flight, nothing else. Returns wall seconds."""
+    with open(source, "rb") as handle:
+        payloads = [line.rstrip(b"\n") for line in handle if line.strip()]
+    queue: asyncio.Queue = asyncio.Queue()
+    for payload in payloads:
+        queue.put_nowait(payload)
+    headers = {"Content-Type": "application/json"}
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while not queue.empty():
+            payload = queue.get_nowait()
+            async with session.post(url, data=payload, headers=headers) as response:
+                await response.read()
+
+    started = time.monotonic()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return time.monotonic() - started
+
+
+def run_flow_cli(source: str, url: str, work: str, extra: List[str], measure_memory: bool = False) -> Dict[str, Any]:
+    """Run the flow's command line as its own process (Prefect's embedded API included)."""
+    save = source.replace(".jsonl", "_results.jsonl")
+    arguments = ["--requests_filepath", source, "--save_filepath", save, "--request_url", url, *extra,
+                 "--logging_level", "WARNING"]
+    if measure_memory:
+        code = ("import resource, sys\nfrom flows.parallel_requests import main\nstatus = main(sys.argv[1:])\n"
+                "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(status)\n")
+        command = [sys.executable, "-c", code, *arguments]
+    else:
+        command = [CLI, *arguments]
+    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=os.path.join(work, "prefect-home"))
+    env.pop("PREFECT_API_URL", None)
+    started_at = time.monotonic()
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    outcome: Dict[str, Any] = {"exit_status": completed.returncode, "started_at": started_at}
+    if completed.returncode != 0:
+        print(completed.stdout[-2000:], completed.stderr[-4000:], file=sys.stderr)
+    for line in completed.stdout.splitlines():
+        if line.startswith("PEAK_RSS_KB"):
+            outcome["peak_rss_mb"] = int(line.split()[1]) / 1024.0
+    return outcome
+
+
+class TestServer:
+    """The project's test API server as a separate process."""
+
+    def __init__(self, work: str, *options: str) -> None:
+        self.work = work
+        self.options = options
+        self.process: Optional[subprocess.Popen] = None
+        self.url = ""
+
+    def __enter__(self) -> "TestServer":
+        port_file = os.path.join(self.work, f"port-{time.monotonic_ns()}")
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.openai_test_server", "--port", "0",
+                                         "--port-file", port_file, *self.options], cwd=ROOT,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not (os.path.exists(port_file) and open(port_file).read().strip()):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{open(port_file).read().strip()}"
+        return self
+
+    def stats_and_reset(self) -> Dict[str, Any]:
+        """Read the server's stats, then clear them."""
+        with urllib.request.urlopen(f"{self.url}/_stats", timeout=30) as response:
+            stats = json.load(response)
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/_reset", method="POST"), timeout=30).read()
+        return stats
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def parse_arguments() -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description="Benchmark the parallel-requests flow.")
+    parser.add_argument("--requests", type=int, default=20_000, help="requests in the no-limit comparison (default: %(default)s)")
+    parser.add_argument("--limited-requests", type=int, default=3_000,
+                        help="requests in the 6,000 RPM run (default: %(default)s)")
+    parser.add_argument("--memory-lines", type=int, nargs=2, default=[10_000, 100_000],
+                        help="the two input sizes of the memory run (default: 10000 100000)")
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    return parser.parse_args()
+
+
+# Helpers
+
+
+def _write_embeddings_file(path: str, lines: int) -> str:
+    """Small embeddings requests (the cheapest the server answers)."""
+    with open(path, "w") as handle:
+        for i in range(lines):
+            handle.write(json.dumps({"model": "text-embedding-3-small", "input": f"benchmark text {i}"}) + "\n")
+    return path
+
+
+def _write_chat_file(path: str, lines: int) -> str:
+    """Chat requests of varied length."""
+    rng = random.Random(3)
+    with open(path, "w") as handle:
+        for i in range(lines):
+            text = f"row {i} " + "lorem ipsum " * rng.randint(1, 40)
+            handle.write(json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}],
+                                     "max_tokens": 30}) + "\n")
+    return path
+
+
+def _print_section(title: str, numbers: Dict[str, Any]) -> None:
+    """Print one measurement's numbers."""
+    print(f"\n{title}", flush=True)
+    for name, value in numbers.items():
+        shown = f"{value:,.3f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
+        print(f"  {name:45s} {shown}", flush=True)
+
+
+if __name__ == "__main__":
+    options = parse_arguments()
+    numbers = asyncio.run(run_benchmark(options))
+    if options.json:
+        with open(options.json, "w") as output:
+            json.dump(numbers, output, indent=2)

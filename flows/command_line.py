@@ -1,0 +1,225 @@
+"""The ``parallel-requests`` command line: the Cookbook script's flags, checked at once, then the flow.
+
+This module is the console script's entry point. It imports no Prefect at load time, so it can
+check the arguments at once (a bad flag costs nothing) and start Prefect's local API server
+before the two seconds it takes to import Prefect and the flow. Those then happen while the
+server boots.
+
+Usage:
+    parallel-requests --requests_filepath requests.jsonl --request_url https://api.openai.com/v1/chat/completions \\
+        --max_requests_per_minute 1500 --max_tokens_per_minute 125000
+    python -m flows.parallel_requests ...        # the same command line
+
+Every flag of the Cookbook's ``api_request_parallel_processor.py`` works verbatim, and each is also
+spelled with dashes. ``--api_key`` defaults to the ``OPENAI_API_KEY`` environment variable.
+Limits take a number, or ``inf`` for none. ``--logging_level`` takes a number (20) or a name (INFO).
+
+Exit status: 0 when every row has its result line (failed rows are counted in the summary);
+1 with a one-line reason when the run stopped early; 2 for bad arguments or a missing input.
+"""
+
+# Standard library imports
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import sys
+from typing import Any, Callable, Dict, Optional, Sequence
+
+# Local application imports
+from flows.embedded_prefect_api import start_embedded_api
+from tasks.request_formats import DEFAULT_REQUEST_URL
+
+# The Cookbook script's defaults, kept so its command lines behave the same.
+DEFAULT_MAX_REQUESTS_PER_MINUTE = 3_000 * 0.5
+DEFAULT_MAX_TOKENS_PER_MINUTE = 250_000 * 0.5
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_MAX_IN_FLIGHT = 200
+# The environment variable through which the command line hands ``--api_key`` to the flow.
+CLI_API_KEY_VARIABLE = "PARALLEL_REQUESTS_CLI_API_KEY"
+
+
+def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[..., Any]] = None) -> int:
+    """Run the flow from the command line; return the process exit status.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+        flow_function: the flow to run; imported here when not given (``python -m`` passes its own).
+    """
+    args = parse_arguments(argv)
+    try:
+        validate_settings(args.max_requests_per_minute, args.max_tokens_per_minute, args.max_attempts,
+                          args.max_in_flight, args.shards, args.burst_seconds, args.target_utilization)
+        _check_input(args.requests_filepath)
+    except (ValueError, OSError) as error:
+        print(f"parallel-requests: error: {error}", file=sys.stderr)
+        return 2
+    # Prefect's local API starts now, in parallel with the rest of start-up (None: PREFECT_API_URL is set).
+    embedded_api = start_embedded_api()
+    if flow_function is None:
+        from flows.parallel_requests import parallel_requests as flow_function  # imports Prefect: ~2 s
+    for name in ("prefect.flow_runs", "prefect.task_runs", "tasks", "flows"):
+        logging.getLogger(name).setLevel(args.logging_level)
+    if args.api_key:
+        os.environ[CLI_API_KEY_VARIABLE] = args.api_key
+    parameters: Dict[str, Any] = dict(
+        requests_filepath=args.requests_filepath,
+        save_filepath=args.save_filepath,
+        request_url=args.request_url,
+        max_requests_per_minute=args.max_requests_per_minute,
+        max_tokens_per_minute=args.max_tokens_per_minute,
+        token_encoding_name=args.token_encoding_name,
+        max_attempts=args.max_attempts,
+        max_in_flight=args.max_in_flight,
+        shards=args.shards,
+        burst_seconds=args.burst_seconds,
+        target_utilization=args.target_utilization,
+        request_timeout_seconds=args.request_timeout,
+        retry_base_seconds=args.retry_base_seconds,
+        api_key_env_var=CLI_API_KEY_VARIABLE if args.api_key else "OPENAI_API_KEY",
+    )
+    with embedded_api.settings() if embedded_api else contextlib.nullcontext():
+        final_state = asyncio.run(flow_function(**parameters, return_state=True))
+        summary = final_state.result(raise_on_failure=False) if final_state.data is not None else None
+        if asyncio.iscoroutine(summary):
+            summary = asyncio.run(summary)
+    if isinstance(summary, dict):
+        print(format_cli_summary(summary))
+    if final_state.is_completed():
+        return 0
+    print(f"parallel-requests: {final_state.message or 'the run failed'}", file=sys.stderr)
+    return 1
+
+
+def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the Cookbook's flags (each also spelled with dashes) plus ours."""
+    parser = argparse.ArgumentParser(
+        prog="parallel-requests",
+        description="Send a JSONL file of API requests in parallel under rate limits, as a Prefect flow.",
+    )
+
+    def add(name: str, **options: Any) -> None:
+        parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, **options)
+
+    add("requests_filepath", required=True, help="JSONL file of requests (cookbook or Batch API shape)")
+    add("save_filepath", default=None, help="JSONL file for the results (default: <input>_results.jsonl)")
+    add("request_url", default=DEFAULT_REQUEST_URL,
+        help="API endpoint for cookbook lines, base URL for Batch lines (default: %(default)s)")
+    add("api_key", default=None, help="API key (default: the OPENAI_API_KEY environment variable)")
+    add("max_requests_per_minute", type=_limit, default=DEFAULT_MAX_REQUESTS_PER_MINUTE,
+        help="request limit per minute; 'inf' for none (default: %(default)s)")
+    add("max_tokens_per_minute", type=_limit, default=DEFAULT_MAX_TOKENS_PER_MINUTE,
+        help="token limit per minute; 'inf' for none (default: %(default)s)")
+    add("token_encoding_name", default=None,
+        help="tiktoken encoding for estimates (default: follow each request's model)")
+    add("max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
+        help="attempts per request on retryable failures (default: %(default)s)")
+    add("logging_level", type=_logging_level, default=logging.INFO,
+        help="logging level, as a number (20) or a name (INFO) (default: INFO)")
+    add("max_in_flight", type=int, default=DEFAULT_MAX_IN_FLIGHT,
+        help="requests awaiting an answer at once, across all shards (default: %(default)s)")
+    add("shards", type=int, default=None, help="number of shards (default: one per 8 MiB of input, at most 64)")
+    add("burst_seconds", type=float, default=1.0,
+        help="seconds of each limit the buckets may spend at once (default: %(default)s)")
+    add("target_utilization", type=float, default=0.98,
+        help="share of the limits the engine aims for, leaving headroom against 429s (default: %(default)s)")
+    add("request_timeout", type=float, default=300.0, help="timeout of one attempt, in seconds (default: %(default)s)")
+    add("retry_base_seconds", type=float, default=0.5,
+        help="backoff before the first retry; doubles with each retry, with jitter (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.api_key is None:
+        args.api_key = os.environ.get("OPENAI_API_KEY")
+    return args
+
+
+def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_minute: Optional[float],
+                      max_attempts: int, max_in_flight: int, shards: Optional[int], burst_seconds: float,
+                      target_utilization: float = 0.98) -> None:
+    """Reject settings the run cannot work with, before anything is sent.
+
+    Raises:
+        ValueError: naming the setting and the value.
+    """
+    for name, value in (("max_requests_per_minute", max_requests_per_minute),
+                        ("max_tokens_per_minute", max_tokens_per_minute)):
+        if value is not None and not (value > 0):
+            raise ValueError(f"{name} must be positive (or 'inf' for no limit), got {value!r}")
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+    if shards is not None and shards < 1:
+        raise ValueError(f"shards must be at least 1, got {shards}")
+    if not burst_seconds > 0:
+        raise ValueError(f"burst_seconds must be positive, got {burst_seconds}")
+    if not 0 < target_utilization <= 1:
+        raise ValueError(f"target_utilization must be above 0 and at most 1, got {target_utilization}")
+
+
+def default_save_path(requests_filepath: str) -> str:
+    """The Cookbook's default output name: ``x.jsonl`` gives ``x_results.jsonl``."""
+    head, dot, tail = requests_filepath.rpartition(".jsonl")
+    if dot:
+        return f"{head}_results.jsonl{tail}"
+    return f"{requests_filepath}_results.jsonl"
+
+
+def format_cli_summary(summary: Dict[str, Any]) -> str:
+    """The run summary as the command line prints it."""
+    totals = summary["totals"]
+    limit = summary.get("max_requests_per_minute")
+    rate = totals["requests_per_minute"]
+    against = f" ({100.0 * rate / limit:.0f}% of the {limit:,.0f} limit)" if limit else ""
+    state = "complete" if summary["complete"] else f"STOPPED: {summary['stop_reason'] or 'incomplete'}"
+    return (
+        f"parallel-requests {state} in {summary['duration_seconds']:.1f} s\n"
+        f"  rows {totals['rows']:,}: {totals['succeeded']:,} succeeded, {totals['failed']:,} failed "
+        f"({totals['invalid_lines']:,} invalid lines, {totals['failed_invalid_request']:,} invalid requests, "
+        f"{totals['failed_after_retries']:,} out of attempts, {totals['failed_too_large']:,} too large), "
+        f"{totals['not_sent']:,} not sent\n"
+        f"  {totals['requests_sent']:,} HTTP requests, {totals['retries']:,} retries, "
+        f"{totals['rate_limited']:,} answered 429; {rate:,.0f} requests/min sustained{against}\n"
+        f"  tokens estimated {totals['tokens_estimated']:,}; used "
+        f"{totals['prompt_tokens_used'] + totals['completion_tokens_used']:,}\n"
+        f"  results: {summary['output']}"
+    )
+
+
+# Helpers
+
+
+def _check_input(requests_filepath: str) -> None:
+    """Fail at once, naming the file, when a local input is missing or unreadable."""
+    if "://" in requests_filepath:
+        return  # remote inputs are checked when the flow opens them
+    if not os.path.isfile(requests_filepath):
+        raise FileNotFoundError(f"no such input file: {requests_filepath}")
+    if not os.access(requests_filepath, os.R_OK):
+        raise PermissionError(f"cannot read the input file: {requests_filepath}")
+
+
+def _limit(text: str) -> Optional[float]:
+    """A per-minute limit from the command line: a number, or inf/none/unlimited for no limit."""
+    if text.strip().lower() in ("inf", "infinity", "none", "unlimited"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'inf', got {text!r}") from None
+    return None if math.isinf(value) else value
+
+
+def _logging_level(text: str) -> int:
+    """A logging level from a number (20) or a name (INFO)."""
+    if text.strip().lstrip("-").isdigit():
+        return int(text)
+    level = logging.getLevelName(text.strip().upper())
+    if not isinstance(level, int):
+        raise argparse.ArgumentTypeError(f"unknown logging level {text!r}")
+    return level
+
+
+if __name__ == "__main__":
+    sys.exit(main())
