@@ -79,6 +79,8 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         request_timeout_seconds=args.request_timeout,
         retry_base_seconds=args.retry_base_seconds,
         api_key_env_var=CLI_API_KEY_VARIABLE if args.api_key else "OPENAI_API_KEY",
+        work_dir=args.work_dir,
+        aws_credentials_block=args.aws_credentials_block,
     )
     with embedded_api.settings() if embedded_api else contextlib.nullcontext():
         final_state = asyncio.run(flow_function(**parameters, return_state=True))
@@ -126,6 +128,10 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("target_utilization", type=float, default=0.98,
         help="share of the limits the engine aims for, leaving headroom against 429s (default: %(default)s)")
     add("request_timeout", type=float, default=300.0, help="timeout of one attempt, in seconds (default: %(default)s)")
+    add("work_dir", default=None,
+        help="where parts and resume state are kept (default: <output>.work beside a local output)")
+    add("aws_credentials_block", default=None,
+        help="a prefect-aws AwsCredentials block for S3 (default: the standard AWS configuration)")
     add("retry_base_seconds", type=float, default=0.5,
         help="backoff before the first retry; doubles with each retry, with jitter (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -168,6 +174,8 @@ def default_save_path(requests_filepath: str) -> str:
 
 def format_cli_summary(summary: Dict[str, Any]) -> str:
     """The run summary as the command line prints it."""
+    if summary.get("already_complete"):
+        return f"parallel-requests: {summary['output']} is already complete for this input; nothing was sent"
     totals = summary["totals"]
     limit = summary.get("max_requests_per_minute")
     rate = totals["requests_per_minute"]
@@ -175,12 +183,14 @@ def format_cli_summary(summary: Dict[str, Any]) -> str:
     state = "complete" if summary["complete"] else f"STOPPED: {summary['stop_reason'] or 'incomplete'}"
     return (
         f"parallel-requests {state} in {summary['duration_seconds']:.1f} s\n"
-        f"  rows {totals['rows']:,}: {totals['succeeded']:,} succeeded, {totals['failed']:,} failed "
+        f"  rows {totals['rows']:,}: {totals['resumed_rows']:,} resumed, {totals['succeeded']:,} succeeded, "
+        f"{totals['failed']:,} failed "
         f"({totals['invalid_lines']:,} invalid lines, {totals['failed_invalid_request']:,} invalid requests, "
         f"{totals['failed_after_retries']:,} out of attempts, {totals['failed_too_large']:,} too large), "
         f"{totals['not_sent']:,} not sent\n"
         f"  {totals['requests_sent']:,} HTTP requests, {totals['retries']:,} retries, "
-        f"{totals['rate_limited']:,} answered 429; {rate:,.0f} requests/min sustained{against}\n"
+        f"{totals['rate_limited']:,} answered 429, {totals['resent_requests']:,} sent again after an interruption; "
+        f"{rate:,.0f} requests/min sustained{against}\n"
         f"  tokens estimated {totals['tokens_estimated']:,}; used "
         f"{totals['prompt_tokens_used'] + totals['completion_tokens_used']:,}\n"
         f"  results: {summary['output']}"

@@ -45,10 +45,9 @@ import asyncio
 import contextlib
 import gc
 import os
-import shutil
 import sys
 import time
-from typing import Any, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 # Third-party imports
 import aiohttp
@@ -73,8 +72,19 @@ from tasks.rate_limiter import RateLimiter
 from tasks.request_formats import DEFAULT_REQUEST_URL, detect_shape
 from tasks.results_storage import PartInfo, assemble_output
 from tasks.shard_processing import RunSettings, SharedRunState, process_shard
-from tasks.sharding import ShardSpec, input_size, plan_shards, read_head
+from tasks.sharding import ShardSpec, plan_shards, read_head
+from tasks.storage import (
+    abort_stale_uploads,
+    compression_of,
+    decompress_to,
+    describe_storage_error,
+    input_fingerprint,
+    input_size,
+    open_input,
+    remove_stale_temporaries,
+)
 from tasks.token_estimation import TokenEstimator
+from tasks.work_location import WorkLocation
 
 # The garbage collector's first threshold while shards run (Python's default is 700).
 SENDING_GC_THRESHOLD = 10_000
@@ -97,6 +107,8 @@ async def parallel_requests(
     retry_base_seconds: float = 0.5,
     api_key_env_var: Optional[str] = "OPENAI_API_KEY",
     api_key_secret_block: Optional[str] = None,
+    work_dir: Optional[str] = None,
+    aws_credentials_block: Optional[str] = None,
 ) -> State:
     """Send every request of a JSONL file through one shared rate-limit engine and save the results.
 
@@ -116,6 +128,10 @@ async def parallel_requests(
         retry_base_seconds: the first retry's backoff; it doubles with each retry, with jitter.
         api_key_env_var: the environment variable holding the API key.
         api_key_secret_block: a Prefect Secret block holding the API key (wins over the variable).
+        work_dir: where the run keeps its parts and resume state; default beside a local output,
+            or a local cache folder for a remote one.
+        aws_credentials_block: a prefect-aws AwsCredentials block for S3 (default: the standard
+            AWS configuration, ``AWS_ENDPOINT_URL_S3`` included).
 
     Returns:
         A Completed state when every row has its result, a Failed state naming the reason
@@ -127,14 +143,25 @@ async def parallel_requests(
                       burst_seconds, target_utilization)
     api_key = await _resolve_api_key(api_key_env_var, api_key_secret_block)
     save_filepath = save_filepath or default_save_path(requests_filepath)
-    size = input_size(requests_filepath)
-    shape = detect_shape(read_head(requests_filepath))
-    shard_specs = plan_shards(requests_filepath, shards, size)
-    work_dir = work_dir_for(save_filepath)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    os.makedirs(work_dir)
-    logger.info("Read %s: %d bytes, %s shape, %d shard(s); results go to %s",
-                requests_filepath, size, shape.value, len(shard_specs), save_filepath)
+    transport_params = await _transport_params(aws_credentials_block)
+    try:
+        work = _prepare_work(requests_filepath, save_filepath, work_dir, request_url, transport_params)
+    except Exception as error:  # storage trouble ends the run with one line naming the URI
+        return _storage_failure(logger, requests_filepath, error)
+    if work.already_complete:
+        logger.info("%s is already complete for this input; nothing to send", save_filepath)
+        return Completed(message="already complete: nothing sent",
+                         data={"output": save_filepath, "complete": True, "already_complete": True})
+    try:
+        source = _shardable_source(requests_filepath, work, transport_params)
+        size = input_size(source, transport_params)
+        shape = detect_shape(read_head(source, transport_params=transport_params))
+        shard_specs = plan_shards(source, work.shard_count or shards, size, transport_params)
+    except Exception as error:
+        return _storage_failure(logger, requests_filepath, error)
+    work.record_shard_count(len(shard_specs))
+    logger.info("Read %s: %d bytes, %s shape, %d shard(s); results go to %s%s", requests_filepath, size, shape.value,
+                len(shard_specs), save_filepath, f" (resuming from {work.path})" if work.resumed else "")
 
     estimator = TokenEstimator.for_name(token_encoding_name) if max_tokens_per_minute is not None else None
     settings = RunSettings(request_url=request_url, shape=shape, max_attempts=max_attempts,
@@ -145,17 +172,21 @@ async def parallel_requests(
     connector = aiohttp.TCPConnector(limit=max_in_flight, limit_per_host=max_in_flight)
     async with aiohttp.ClientSession(connector=connector) as session:
         state = SharedRunState(settings, limiter, ApiClient(session, api_key, request_timeout_seconds),
-                               estimator, progress)
+                               estimator, progress, transport_params)
         async with progress_artifact(progress):
             with _collector_tuned_for_sending():
-                outcomes = await asyncio.gather(
-                    *(process_shard(shard, _part_path(work_dir, shard), quote(state)) for shard in shard_specs),
-                    return_exceptions=True,
-                )
+                outcomes = await asyncio.gather(*(
+                    process_shard(shard, work.part_path(shard.index, shard.count), work.work_id, quote(state),
+                                  return_state=True)
+                    for shard in shard_specs
+                ))
 
-    trackers = _trackers_or_stop(outcomes, shard_specs, state)
-    parts = _part_infos(work_dir, shard_specs, trackers)
-    report = assemble_output(save_filepath, parts, shape, os.path.basename(requests_filepath))
+    trackers = await _trackers_or_stop(outcomes, shard_specs, state)
+    parts = _part_infos(work, shard_specs, trackers)
+    try:
+        report = assemble_output(save_filepath, parts, shape, os.path.basename(requests_filepath), transport_params)
+    except Exception as error:
+        return _storage_failure(logger, save_filepath, error)
     summary = RunSummary(
         source=requests_filepath, output=save_filepath, totals=StatusTracker.merged(trackers), shards=trackers,
         max_requests_per_minute=max_requests_per_minute, max_tokens_per_minute=max_tokens_per_minute,
@@ -164,11 +195,12 @@ async def parallel_requests(
     )
     await publish_run_artifacts(summary)
     if summary.complete:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        work.mark_complete()
         logger.info("Done: %d rows in %s (%.1f s)", summary.totals.rows, save_filepath, summary.duration_seconds)
         return Completed(message=f"{summary.totals.rows} rows done", data=summary.to_dict())
     reason = summary.stop_reason or "some rows have no result"
-    logger.error("Stopped early: %s. The %d finished rows are in %s", reason, summary.totals.rows_done, save_filepath)
+    logger.error("Stopped early: %s. The %d finished rows are in %s; run the same command again to continue",
+                 reason, summary.totals.rows_done, save_filepath)
     return Failed(message=f"stopped early: {reason}", data=summary.to_dict())
 
 
@@ -196,35 +228,76 @@ def _collector_tuned_for_sending() -> Iterator[None]:
         gc.unfreeze()
 
 
-def work_dir_for(save_filepath: str) -> str:
-    """The folder beside the output that holds the shards' parts while the run goes on."""
-    return f"{save_filepath}.work"
-
-
-def _trackers_or_stop(outcomes: List[Any], shards: List[ShardSpec], state: SharedRunState) -> List[StatusTracker]:
+async def _trackers_or_stop(outcomes: List[State], shards: List[ShardSpec], state: SharedRunState) -> List[StatusTracker]:
     """The shards' trackers; a shard that crashed stops the run and gets an empty tracker."""
     trackers: List[StatusTracker] = []
     for shard, outcome in zip(shards, outcomes):
-        if isinstance(outcome, BaseException):
-            state.stop(f"{shard.label} failed: {type(outcome).__name__}: {outcome}")
-            trackers.append(StatusTracker(shard=shard.index, rows=1))
-        else:
-            trackers.append(outcome)
+        value = await outcome.aresult(raise_on_failure=False)
+        if isinstance(value, StatusTracker):
+            trackers.append(value)
+            continue
+        state.stop(f"{shard.label} failed: {type(value).__name__}: {value}")
+        trackers.append(StatusTracker(shard=shard.index, rows=1, not_sent=1))
     return trackers
 
 
-def _part_infos(work_dir: str, shards: List[ShardSpec], trackers: List[StatusTracker]) -> List[PartInfo]:
+def _part_infos(work: WorkLocation, shards: List[ShardSpec], trackers: List[StatusTracker]) -> List[PartInfo]:
     """Where each shard's part is and the input line number its first line has."""
     parts, first_line = [], 1
     for shard, tracker in zip(shards, trackers):
-        parts.append(PartInfo(_part_path(work_dir, shard), tracker.lines_read, first_line))
+        parts.append(PartInfo(work.part_path(shard.index, shard.count), tracker.lines_read, first_line))
         first_line += tracker.lines_read
     return parts
 
 
-def _part_path(work_dir: str, shard: ShardSpec) -> str:
-    """The part file of one shard."""
-    return os.path.join(work_dir, f"shard-{shard.index:05d}-of-{shard.count:05d}.part")
+def _prepare_work(requests_filepath: str, save_filepath: str, work_dir: Optional[str], request_url: str,
+                  transport_params: Optional[Dict[str, Any]]) -> WorkLocation:
+    """Clean what a killed run left, and find or make the work location of this job."""
+    abort_stale_uploads(save_filepath, transport_params)
+    remove_stale_temporaries(save_filepath)
+    fingerprint = input_fingerprint(requests_filepath, transport_params)
+    work = WorkLocation.prepare(save_filepath, work_dir, fingerprint, request_url, source=requests_filepath)
+    if work.already_complete and not _output_exists(save_filepath, transport_params):
+        work.start_over()
+        work = WorkLocation.prepare(save_filepath, work_dir, fingerprint, request_url, source=requests_filepath)
+    return work
+
+
+def _shardable_source(requests_filepath: str, work: WorkLocation, transport_params: Optional[Dict[str, Any]]) -> str:
+    """The input itself, or for a compressed input its decompressed copy in the work location."""
+    if compression_of(requests_filepath) is None:
+        return requests_filepath
+    if not os.path.exists(work.decompressed_input):
+        decompress_to(requests_filepath, work.decompressed_input, transport_params)
+    return work.decompressed_input
+
+
+def _output_exists(save_filepath: str, transport_params: Optional[Dict[str, Any]]) -> bool:
+    """True when the output can be opened."""
+    try:
+        with open_input(save_filepath, transport_params):
+            return True
+    except Exception:
+        return False
+
+
+def _storage_failure(logger: Any, uri: str, error: BaseException) -> State:
+    """End the run with one line naming the URI; results already written stay where they are."""
+    message = describe_storage_error(uri, error)
+    logger.error("%s", message)
+    return Failed(message=message)
+
+
+async def _transport_params(aws_credentials_block: Optional[str]) -> Optional[Dict[str, Any]]:
+    """smart-open's transport parameters: an S3 client from a prefect-aws block, or None (standard AWS config)."""
+    if not aws_credentials_block:
+        return None
+    try:
+        from prefect_aws import AwsCredentials
+    except ImportError as error:
+        raise RuntimeError("aws_credentials_block needs the prefect-aws package (pip install prefect-aws)") from error
+    credentials = await AwsCredentials.aload(aws_credentials_block)
+    return {"client": credentials.get_boto3_session().client("s3")}
 
 
 async def _resolve_api_key(env_var: Optional[str], secret_block: Optional[str]) -> Optional[str]:

@@ -11,7 +11,7 @@ Usage:
     >>> totals = StatusTracker.merged(shard_trackers)
     >>> summary = RunSummary(totals=totals, shards=shard_trackers, ...)
     >>> await publish_run_artifacts(summary)
-    >>> print(summary.to_text())
+    >>> print(summary.to_markdown())
 
 Pitfalls:
     - In async code Prefect's ``create_*_artifact`` functions return coroutines. The ``a*``
@@ -57,6 +57,8 @@ class StatusTracker:
     lines_read: int = 0
     blank_lines: int = 0
     rows: int = 0
+    resumed_rows: int = 0
+    resent_requests: int = 0
     succeeded: int = 0
     invalid_lines: int = 0
     failed_invalid_request: int = 0
@@ -76,14 +78,14 @@ class StatusTracker:
 
     @property
     def rows_done(self) -> int:
-        """Rows that have their final result."""
-        return (self.succeeded + self.invalid_lines + self.failed_invalid_request
+        """Rows that have their final result (resumed ones included)."""
+        return (self.resumed_rows + self.succeeded + self.invalid_lines + self.failed_invalid_request
                 + self.failed_after_retries + self.failed_too_large)
 
     @property
     def failed(self) -> int:
-        """Rows that ended in a failure record."""
-        return self.rows_done - self.succeeded
+        """Rows of this run that ended in a failure record."""
+        return self.rows_done - self.succeeded - self.resumed_rows
 
     @property
     def sending_seconds(self) -> float:
@@ -139,6 +141,7 @@ class StatusTracker:
         return {
             "shard": self.shard,
             "rows": self.rows,
+            "resumed_rows": self.resumed_rows,
             "succeeded": self.succeeded,
             "failed": self.failed,
             "invalid_lines": self.invalid_lines,
@@ -234,6 +237,8 @@ class RunSummary:
             "| measure | value |",
             "| --- | --- |",
             f"| rows | {totals.rows:,} |",
+            f"| rows resumed from an earlier run | {totals.resumed_rows:,} |",
+            f"| requests sent again after an interruption | {totals.resent_requests:,} |",
             f"| succeeded | {totals.succeeded:,} |",
             f"| failed: invalid requests (4xx, not retried) | {totals.failed_invalid_request:,} |",
             f"| failed: after all attempts | {totals.failed_after_retries:,} |",
@@ -254,24 +259,6 @@ class RunSummary:
         if self.error_examples:
             lines += ["", "Examples of errors:", ""] + [f"- `{example}`" for example in self.error_examples]
         return "\n".join(lines) + "\n"
-
-    def to_text(self) -> str:
-        """A short plain-text summary for the command line."""
-        totals = self.totals
-        state = "complete" if self.complete else f"STOPPED: {self.stop_reason}"
-        text = (
-            f"parallel-requests {state}\n"
-            f"  rows {totals.rows:,}: {totals.succeeded:,} succeeded, {totals.failed:,} failed "
-            f"({totals.invalid_lines:,} invalid lines, {totals.failed_invalid_request:,} invalid requests, "
-            f"{totals.failed_after_retries:,} out of attempts, {totals.failed_too_large:,} too large), "
-            f"{totals.not_sent:,} not sent\n"
-            f"  {totals.requests_sent:,} HTTP requests, {totals.retries:,} retries, {totals.rate_limited:,} answered 429; "
-            f"{totals.requests_per_minute:,.0f} requests/min sustained"
-            f"{_against(totals.requests_per_minute, self.max_requests_per_minute)}\n"
-            f"  tokens estimated {totals.tokens_estimated:,}; used {totals.prompt_tokens_used + totals.completion_tokens_used:,}\n"
-            f"  results: {self.output}\n"
-        )
-        return text
 
 
 async def publish_run_artifacts(summary: RunSummary) -> None:

@@ -16,11 +16,17 @@ For each line of its range, the task:
        401/403 stop dispatching for the whole run, while answers already received are kept.
 
 Each row's final result is appended to the shard's part file as soon as it is known (see
-``tasks.results_storage``). The task returns the shard's ``StatusTracker``.
+``tasks.results_storage``). A resumed shard skips the rows its part already holds.
+
+Resume and caching: a shard that finished every row returns its ``StatusTracker`` in a
+Completed state. The state is persisted and cached under the run's work id and the shard's
+range, so running the same command again skips it (Prefect shows it as Cached). A shard cut
+short by a stop returns a Failed state carrying its tracker; it is never cached, and the next
+run continues it.
 
 Usage (inside an async flow, with every shard awaited together):
-    >>> trackers = await asyncio.gather(*(process_shard(shard, part_path(shard), quote(state))
-    ...                                   for shard in shards))
+    >>> states = await asyncio.gather(*(process_shard(shard, part_path(shard), work_id, quote(state),
+    ...                                               return_state=True) for shard in shards))
 """
 
 # Standard library imports
@@ -29,19 +35,19 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 # Third-party imports
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run as current_task_run
+from prefect.states import Failed, State
 
 # Local application imports
 from tasks.api_client import ApiClient, ApiResult, Outcome, backoff_seconds
 from tasks.metrics import RunProgress, StatusTracker
 from tasks.rate_limiter import RateLimiter, RequestNeverFits
 from tasks.request_formats import InvalidLine, ParsedRequest, RequestShape, format_result, parse_line
-from tasks.results_storage import PartWriter
+from tasks.results_storage import PartWriter, read_part_state
 from tasks.sharding import ShardSpec, iter_shard_lines
 from tasks.token_estimation import TokenEstimator, endpoint_of_url
 
@@ -54,33 +60,42 @@ ERROR_EXAMPLE_LIMIT = 5
 @task(
     name="process-shard",
     tags=["parallel-requests"],
-    cache_policy=NO_CACHE,
+    cache_key_fn=lambda context, parameters: _shard_cache_key(parameters),
+    persist_result=True,
     task_run_name=lambda: _shard_run_name(),
 )
-async def process_shard(shard: ShardSpec, part_path: str, state: "SharedRunState") -> StatusTracker:
+async def process_shard(shard: ShardSpec, part_path: str, work_id: str, state: "SharedRunState") -> Any:
     """Send every request of one shard and write each row's result to the shard's part file.
 
     Args:
         shard: the byte range to process.
-        part_path: the part file to append results to.
+        part_path: the part file to append results to (rows already in it are skipped).
+        work_id: the run's work id (part of the cache key).
         state: the run's shared engine, client and counters (pass it wrapped in ``quote()``).
 
     Returns:
-        The shard's StatusTracker.
+        The shard's StatusTracker when every row is done (cached); otherwise a Failed state carrying it.
     """
     logger = get_run_logger()
-    worker = _ShardWorker(shard, state, StatusTracker(shard=shard.index), logger)
+    earlier = read_part_state(part_path)
+    tracker = StatusTracker(shard=shard.index, resent_requests=earlier.sent_unfinished)
+    worker = _ShardWorker(shard, state, tracker, logger, earlier.done)
     started = time.monotonic()
-    logger.info("Starting %s of %s", shard.label, os.path.basename(shard.source))
+    if earlier.done or earlier.sent_unfinished:
+        logger.info("Resuming %s of %s: %d rows already done, %d requests to send again", shard.label,
+                    os.path.basename(shard.source), len(earlier.done), earlier.sent_unfinished)
+    else:
+        logger.info("Starting %s of %s", shard.label, os.path.basename(shard.source))
     with PartWriter(part_path) as part:
         await worker.run(part)
-    worker.tracker.wall_seconds = time.monotonic() - started
-    tracker = worker.tracker
+    tracker.wall_seconds = time.monotonic() - started
     logger.info(
-        "Finished %s: %d rows, %d succeeded, %d failed, %d not sent, %d requests, %d retries, %d answered 429",
-        shard.label, tracker.rows, tracker.succeeded, tracker.failed, tracker.not_sent,
-        tracker.requests_sent, tracker.retries, tracker.rate_limited,
+        "Finished %s: %d rows (%d resumed), %d succeeded, %d failed, %d not sent, %d requests, %d retries, "
+        "%d answered 429", shard.label, tracker.rows, tracker.resumed_rows, tracker.succeeded, tracker.failed,
+        tracker.not_sent, tracker.requests_sent, tracker.retries, tracker.rate_limited,
     )
+    if tracker.not_sent:
+        return Failed(message=f"{shard.label}: {tracker.not_sent} rows not sent", data=tracker)
     return tracker
 
 
@@ -107,12 +122,14 @@ class SharedRunState:
     """The live objects every shard of a run shares. They all belong to the flow's event loop."""
 
     def __init__(self, settings: RunSettings, limiter: RateLimiter, client: ApiClient,
-                 estimator: Optional[TokenEstimator], progress: RunProgress) -> None:
+                 estimator: Optional[TokenEstimator], progress: RunProgress,
+                 transport_params: Optional[Dict[str, Any]] = None) -> None:
         self.settings = settings
         self.limiter = limiter
         self.client = client
         self.estimator = estimator
         self.progress = progress
+        self.transport_params = transport_params
         self.stop_reason: Optional[str] = None
         self.error_examples: List[str] = []
 
@@ -135,18 +152,23 @@ class _ShardWorker:
     state: SharedRunState
     tracker: StatusTracker
     logger: Any
+    done: Set[int] = field(default_factory=set)
     _pending: set = field(default_factory=set)
 
     async def run(self, part: PartWriter) -> None:
         """Read the shard's lines and dispatch them; return when every row is settled."""
         settings = self.state.settings
-        for line_index, offset, raw in iter_shard_lines(self.shard):
+        for line_index, offset, raw in iter_shard_lines(self.shard, self.state.transport_params):
             self.tracker.lines_read += 1
             if not raw.strip():
                 self.tracker.blank_lines += 1
                 self.state.progress.advance(len(raw), row=False)
                 continue
             self.tracker.rows += 1
+            if line_index in self.done:
+                self.tracker.resumed_rows += 1
+                self.state.progress.advance(len(raw))
+                continue
             if self.state.stop_reason is not None:
                 self.tracker.not_sent += 1
                 continue
@@ -165,6 +187,7 @@ class _ShardWorker:
                 self.state.limiter.release()
                 self.tracker.not_sent += 1
                 continue
+            part.write_sent(line_index)
             job = asyncio.create_task(self._send_until_settled(part, parsed, tokens, len(raw)))
             self._pending.add(job)
             job.add_done_callback(self._pending.discard)
@@ -287,6 +310,12 @@ class _ShardWorker:
         """Warn about a request that failed for good."""
         self.logger.warning("%s line +%d failed after %d attempt(s): %s (request id %s)", self.shard.label,
                             request.line_index, attempts, result.error, result.request_id or "-")
+
+
+def _shard_cache_key(parameters: Dict[str, Any]) -> str:
+    """The cache key of a shard: the run's work id (which follows the input's content) and the range."""
+    shard = parameters["shard"]
+    return f"parallel-requests-{parameters['work_id']}-{shard.index}-{shard.count}-{shard.start}-{shard.end}"
 
 
 def _shard_run_name() -> str:

@@ -18,14 +18,12 @@ Pitfalls:
 """
 
 # Standard library imports
-import io
 import math
-import os
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, List, Optional, Tuple
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple
 
-# Third-party imports
-import smart_open
+# Local application imports
+from tasks.storage import input_size, open_input
 
 # How many bytes of input one shard gets when the count is not given.
 BYTES_PER_SHARD = 8 * 1024 * 1024
@@ -59,7 +57,8 @@ class ShardSpec:
         return f"shard {self.index + 1}/{self.count} bytes {self.start}-{self.end}"
 
 
-def plan_shards(source: str, shard_count: Optional[int] = None, size: Optional[int] = None) -> List[ShardSpec]:
+def plan_shards(source: str, shard_count: Optional[int] = None, size: Optional[int] = None,
+                transport_params: Optional[Dict[str, Any]] = None) -> List[ShardSpec]:
     """Split an input into byte ranges of about equal size.
 
     Args:
@@ -74,7 +73,7 @@ def plan_shards(source: str, shard_count: Optional[int] = None, size: Optional[i
         ValueError: when shard_count is below 1.
     """
     if size is None:
-        size = input_size(source)
+        size = input_size(source, transport_params)
     if shard_count is None:
         shard_count = default_shard_count(size)
     if shard_count < 1:
@@ -89,34 +88,20 @@ def default_shard_count(size: int) -> int:
     return max(1, min(MAX_AUTOMATIC_SHARDS, math.ceil(size / BYTES_PER_SHARD)))
 
 
-def iter_shard_lines(shard: ShardSpec) -> Iterator[Tuple[int, int, bytes]]:
+def iter_shard_lines(shard: ShardSpec, transport_params: Optional[Dict[str, Any]] = None) -> Iterator[Tuple[int, int, bytes]]:
     """Yield ``(line_index, byte_offset, raw_line)`` for every line that starts in the shard.
 
     Raw lines keep their line ending. Blank lines are yielded too, so indexes count every line.
+    Only the shard's range is read (plus the end of its last line), with ranged reads on URIs.
     """
-    with open_binary(shard.source) as handle:
+    with open_input(shard.source, transport_params) as handle:
         yield from _lines_in_range(handle, shard.start, shard.end)
 
 
-def read_head(source: str, limit: int = HEAD_BYTES) -> bytes:
+def read_head(source: str, limit: int = HEAD_BYTES, transport_params: Optional[Dict[str, Any]] = None) -> bytes:
     """The first ``limit`` bytes of an input (to detect its shape)."""
-    with open_binary(source) as handle:
+    with open_input(source, transport_params) as handle:
         return handle.read(limit)
-
-
-def input_size(source: str) -> int:
-    """The input's size in bytes."""
-    if "://" not in source:
-        return os.path.getsize(source)
-    with open_binary(source) as handle:
-        return handle.seek(0, io.SEEK_END)
-
-
-def open_binary(source: str) -> BinaryIO:
-    """Open an input for binary reading with seeking, without transparent decompression."""
-    if "://" not in source:
-        return open(source, "rb")
-    return smart_open.open(source, "rb", compression="disable", transport_params={"defer_seek": True})
 
 
 # Helpers

@@ -1,0 +1,235 @@
+"""Storage: local paths and any URI smart-open reads and writes (s3://, gs://, azure://, http(s):// for input).
+
+Features:
+    - Inputs open in binary with seeking and no transparent decompression. A shard's reader sends
+      ranged GETs (``defer_seek``, so opening does not first fetch from byte 0).
+    - ``input_fingerprint`` identifies an input's content without reading all of it: size, the
+      object's ETag or the file's modification time, and a hash of its first and last 64 KiB.
+    - Compressed inputs (``.gz``, ``.bz2``, ``.zst``, by extension) cannot seek in compressed
+      offsets, so ``decompress_to`` turns them into a local file in one streaming pass.
+    - ``open_atomic_output`` writes the final output so that no reader ever sees a partial
+      file. A local file is written to a temporary file beside it, fsynced and renamed. An object
+      store gets a multipart upload inside a context manager, which is aborted on an error and
+      completed only on success. The output is compressed when its name ends in one of the
+      extensions above.
+    - ``abort_stale_uploads`` removes the multipart uploads a killed process left open for an
+      S3 key. ``remove_stale_temporaries`` does the same for local temporary files.
+    - S3 settings come from the standard AWS configuration (``AWS_ENDPOINT_URL_S3``, profiles,
+      instance roles), or from a boto3 client passed as ``transport_params={"client": ...}``.
+    - ``describe_storage_error`` turns any storage failure into one line naming the URI.
+
+Usage:
+    >>> with open_input("s3://bucket/requests.jsonl") as handle:
+    ...     handle.seek(1024); handle.readline()
+    >>> with open_atomic_output("s3://bucket/results.jsonl.gz") as output:
+    ...     output.write(b'{"a": 1}\\n')
+"""
+
+# Standard library imports
+import contextlib
+import errno
+import glob
+import hashlib
+import io
+import os
+import shutil
+import uuid
+from typing import Any, BinaryIO, Dict, Iterator, Optional
+
+# Third-party imports
+import smart_open
+from smart_open.compression import compression_wrapper
+
+COMPRESSED_EXTENSIONS = (".gz", ".bz2", ".zst")
+# How much of each end of an input the fingerprint hashes.
+FINGERPRINT_BYTES = 64 * 1024
+# The copy buffer of decompression.
+COPY_BUFFER_BYTES = 1024 * 1024
+
+
+def is_remote(uri: str) -> bool:
+    """True for a URI with a scheme other than file://."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    """A local path from a path or a file:// URI."""
+    return uri.removeprefix("file://")
+
+
+def compression_of(uri: str) -> Optional[str]:
+    """The compression extension of a path or URI, or None."""
+    lowered = uri.lower()
+    return next((extension for extension in COMPRESSED_EXTENSIONS if lowered.endswith(extension)), None)
+
+
+def open_input(uri: str, transport_params: Optional[Dict[str, Any]] = None) -> BinaryIO:
+    """Open an input for binary reading with seeking, without transparent decompression."""
+    if not is_remote(uri):
+        return open(local_path(uri), "rb")
+    params = dict(transport_params or {})
+    if uri.startswith("s3://"):
+        params.setdefault("defer_seek", True)
+    return smart_open.open(uri, "rb", compression="disable", transport_params=params)
+
+
+def input_size(uri: str, transport_params: Optional[Dict[str, Any]] = None) -> int:
+    """The input's size in bytes."""
+    if not is_remote(uri):
+        return os.path.getsize(local_path(uri))
+    with open_input(uri, transport_params) as handle:
+        return handle.seek(0, io.SEEK_END)
+
+
+def input_fingerprint(uri: str, transport_params: Optional[Dict[str, Any]] = None) -> str:
+    """An id of the input's content: size, version (mtime or ETag) and a hash of both ends."""
+    digest = hashlib.sha256()
+    with open_input(uri, transport_params) as handle:
+        size = handle.seek(0, io.SEEK_END)
+        handle.seek(0)
+        digest.update(handle.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            handle.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            digest.update(handle.read(FINGERPRINT_BYTES))
+    version = _version_of(uri, transport_params)
+    return f"{size}-{version}-{digest.hexdigest()[:32]}"
+
+
+def decompress_to(uri: str, target: str, transport_params: Optional[Dict[str, Any]] = None) -> None:
+    """Decompress a .gz/.bz2/.zst input into a local file, in one streaming pass, atomically."""
+    temporary = f"{target}.{uuid.uuid4().hex}.tmp"
+    try:
+        params = transport_params if is_remote(uri) else None
+        with smart_open.open(uri, "rb", compression=compression_of(uri), transport_params=params) as source, \
+                open(temporary, "wb") as copy:
+            shutil.copyfileobj(source, copy, COPY_BUFFER_BYTES)
+            copy.flush()
+            os.fsync(copy.fileno())
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+@contextlib.contextmanager
+def open_atomic_output(uri: str, transport_params: Optional[Dict[str, Any]] = None) -> Iterator[BinaryIO]:
+    """Write an output that appears whole or not at all; compressed by its extension."""
+    compression = compression_of(uri) or "disable"
+    if is_remote(uri):
+        # smart-open's multipart writer completes the upload on a clean exit and aborts it on an error.
+        with smart_open.open(uri, "wb", compression=compression, transport_params=transport_params) as output:
+            yield output
+        return
+    path = local_path(uri)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as raw:
+            if compression == "disable":
+                yield raw
+            else:
+                with compression_wrapper(raw, "wb", compression) as compressed:
+                    yield compressed
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    _fsync_folder(folder)
+
+
+def remove_stale_temporaries(uri: str) -> int:
+    """Delete temporary files an interrupted assembly left beside a local output; return how many."""
+    if is_remote(uri):
+        return 0
+    path = local_path(uri)
+    pattern = os.path.join(os.path.dirname(os.path.abspath(path)), f".{glob.escape(os.path.basename(path))}.*.tmp")
+    removed = 0
+    for stale in glob.glob(pattern):
+        with contextlib.suppress(OSError):
+            os.remove(stale)
+            removed += 1
+    return removed
+
+
+def abort_stale_uploads(uri: str, transport_params: Optional[Dict[str, Any]] = None) -> int:
+    """Abort multipart uploads left open for an S3 key by a killed process; return how many."""
+    if not uri.startswith("s3://"):
+        return 0
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    client = _s3_client(transport_params)
+    aborted = 0
+    listing = client.list_multipart_uploads(Bucket=bucket, Prefix=key)
+    for upload in listing.get("Uploads", []):
+        if upload.get("Key") == key:
+            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+            aborted += 1
+    return aborted
+
+
+def describe_storage_error(uri: str, error: BaseException) -> str:
+    """One line a user can act on, naming the URI."""
+    code = _client_error_code(error)
+    if code in ("NoSuchBucket",):
+        return f"the bucket of {uri} does not exist"
+    if code in ("NoSuchKey", "404", "NotFound") or isinstance(error, FileNotFoundError):
+        return f"{uri} does not exist"
+    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or isinstance(error, PermissionError):
+        return f"no permission to access {uri}"
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"the disk is full while writing {uri}"
+    text = " ".join(str(error).split()) or type(error).__name__
+    if "Could not connect" in text or "EndpointConnectionError" in type(error).__name__ or "Connect" in type(error).__name__:
+        return f"cannot reach the storage of {uri}: {text}"
+    return f"storage error on {uri}: {text[:300]}"
+
+
+# Helpers
+
+
+def _version_of(uri: str, transport_params: Optional[Dict[str, Any]]) -> str:
+    """The object's ETag (S3) or the file's modification time (local); "" otherwise."""
+    if not is_remote(uri):
+        return str(os.stat(local_path(uri)).st_mtime_ns)
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        return str(_s3_client(transport_params).head_object(Bucket=bucket, Key=key).get("ETag", "")).strip('"')
+    return ""
+
+
+def _s3_client(transport_params: Optional[Dict[str, Any]]) -> Any:
+    """The S3 client to use: the one given, or one from the standard AWS configuration."""
+    if transport_params and transport_params.get("client") is not None:
+        return transport_params["client"]
+    import boto3
+
+    return boto3.client("s3")
+
+
+def _client_error_code(error: BaseException) -> str:
+    """The error code of a botocore ClientError, found through the exception's causes."""
+    seen = 0
+    current: Optional[BaseException] = error
+    while current is not None and seen < 5:
+        response = getattr(current, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            return str(response["Error"].get("Code", ""))
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return ""
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (where the platform allows it)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
