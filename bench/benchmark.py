@@ -15,6 +15,10 @@ own process on 127.0.0.1 so that it has a core of its own:
        the 429 count.
     3. Peak memory (max RSS of the flow's process, not counting Prefect's embedded server
        process) for inputs of 10,000 and 100,000 lines.
+    4. Bytes fetched by sharded S3 reads: an object of ``--s3-megabytes`` (1,024 by default) on
+       moto's S3 server, read as 16 shards through a proxy that counts the bytes the server
+       sends. Reported: bytes fetched over the object's size. (Reading only: sending a
+       gigabyte of requests would take an hour.)
 
 Usage:
     make bench
@@ -110,7 +114,53 @@ async def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         memory["growth_mb"] = memory[f"peak_rss_mb_{high}_lines"] - memory[f"peak_rss_mb_{low}_lines"]
         results["memory"] = memory
         _print_section("3. Peak memory of the flow process", memory)
+
+        # 4. Bytes fetched by sharded S3 reads.
+        if args.s3_megabytes > 0:
+            results["s3_fetch"] = measure_s3_fetch(args.s3_megabytes, shards=16)
+            _print_section("4. Sharded S3 reads (16 shards)", results["s3_fetch"])
     return results
+
+
+def measure_s3_fetch(megabytes: int, shards: int) -> Dict[str, Any]:
+    """Put an object of about ``megabytes`` on moto's S3 server and read it as shards through a byte counter."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from tasks.sharding import iter_shard_lines, plan_shards
+    from tests.byte_counting_proxy import ByteCountingProxy
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    saved = {name: os.environ.get(name) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                      "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")}
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL_S3=f"http://{host}:{port}")
+    try:
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="bench")
+        line = json.dumps({"model": "text-embedding-3-small", "input": "y" * 1000}).encode() + b"\n"
+        body = line * (megabytes * 1024 * 1024 // len(line))
+        client.put_object(Bucket="bench", Key="big.jsonl", Body=body)
+        size = len(body)
+        del body
+        with ByteCountingProxy(host, port) as proxy:
+            os.environ["AWS_ENDPOINT_URL_S3"] = proxy.url
+            started = time.monotonic()
+            lines = sum(1 for shard in plan_shards("s3://bench/big.jsonl", shards)
+                        for _ in iter_shard_lines(shard))
+            seconds = time.monotonic() - started
+            fetched = proxy.bytes_from_server
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        moto.stop()
+    return {"object_bytes": size, "lines_read": lines, "bytes_fetched": fetched,
+            "fetched_over_size": fetched / size, "read_seconds": seconds}
 
 
 async def bare_aiohttp_client(url: str, source: str, concurrency: int) -> float:
@@ -204,6 +254,8 @@ def parse_arguments() -> argparse.Namespace:
                         help="requests in the 6,000 RPM run (default: %(default)s)")
     parser.add_argument("--memory-lines", type=int, nargs=2, default=[10_000, 100_000],
                         help="the two input sizes of the memory run (default: 10000 100000)")
+    parser.add_argument("--s3-megabytes", type=int, default=1024,
+                        help="size of the S3 object read as 16 shards; 0 skips it (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     return parser.parse_args()
 

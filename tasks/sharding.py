@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple
 
 # Local application imports
-from tasks.storage import input_size, open_input
+from tasks.storage import input_size, open_input, open_range
 
 # How many bytes of input one shard gets when the count is not given.
 BYTES_PER_SHARD = 8 * 1024 * 1024
@@ -94,7 +94,9 @@ def iter_shard_lines(shard: ShardSpec, transport_params: Optional[Dict[str, Any]
     Raw lines keep their line ending. Blank lines are yielded too, so indexes count every line.
     Only the shard's range is read (plus the end of its last line), with ranged reads on URIs.
     """
-    with open_input(shard.source, transport_params) as handle:
+    if shard.start >= shard.end:
+        return
+    with open_range(shard.source, max(0, shard.start - 1), shard.end, transport_params) as handle:
         yield from _lines_in_range(handle, shard.start, shard.end)
 
 
@@ -108,15 +110,11 @@ def read_head(source: str, limit: int = HEAD_BYTES, transport_params: Optional[D
 
 
 def _lines_in_range(handle: BinaryIO, start: int, end: int) -> Iterator[Tuple[int, int, bytes]]:
-    """Yield the lines whose first byte lies in ``[start, end)``."""
-    if start >= end:
-        return
+    """Yield the lines whose first byte lies in ``[start, end)``; ``handle`` is at ``max(0, start - 1)``."""
     if start == 0:
-        handle.seek(0)
         offset = 0
     else:
         # The line holding byte start-1 belongs to the shard before; it ends at or after it.
-        handle.seek(start - 1)
         offset = start - 1 + len(handle.readline())
     line_index = 0
     while offset < end:

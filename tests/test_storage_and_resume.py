@@ -227,3 +227,21 @@ def test_kill_9_during_the_final_assembly_then_the_same_command_completes(api_se
     assert server.stats()["requests"] == sent  # every shard was done: nothing is sent again
     assert _inputs_of(read_jsonl(tmp_path / "a_results.jsonl")) == [row["input"] for row in rows]
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+
+def test_sharded_s3_reads_fetch_little_more_than_the_object(s3, monkeypatch) -> None:
+    from tasks.sharding import iter_shard_lines, plan_shards
+    from tests.byte_counting_proxy import ByteCountingProxy
+
+    lines = [json.dumps({"model": "m", "input": "x" * (100 + (i * 37) % 3000), "i": i}).encode() + b"\n" for i in range(21000)]
+    content = b"".join(lines)
+    s3.put_object(Bucket="jobs", Key="big.jsonl", Body=content)
+    endpoint = os.environ["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)
+    with ByteCountingProxy(endpoint[0].removeprefix("http://"), int(endpoint[1])) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        shards = plan_shards("s3://jobs/big.jsonl", 16)
+        seen = [raw for shard in shards for _, _, raw in iter_shard_lines(shard)]
+        fetched = proxy.bytes_from_server
+    assert seen == lines
+    assert len(content) > 30_000_000
+    assert fetched <= 1.1 * len(content), (fetched, len(content))
