@@ -187,7 +187,8 @@ async def bare_aiohttp_client(url: str, source: str, concurrency: int) -> float:
 
 def run_flow_cli(source: str, url: str, work: str, extra: List[str], measure_memory: bool = False) -> Dict[str, Any]:
     """Run the flow's command line as its own process (Prefect's embedded API included)."""
-    save = source.replace(".jsonl", "_results.jsonl")
+    # A fresh output each time: the same input and output again would be a finished job, and send nothing.
+    save = source.replace(".jsonl", f"_results_{time.monotonic_ns()}.jsonl")
     arguments = ["--requests_filepath", source, "--save_filepath", save, "--request_url", url, *extra,
                  "--logging_level", "WARNING"]
     if measure_memory:

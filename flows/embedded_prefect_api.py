@@ -28,8 +28,8 @@ Usage:
     ...     asyncio.run(my_flow())
 
 Pitfalls:
-    - A killed parent leaves the server orphaned (as with Prefect's own). A normal exit, an
-      error or Ctrl-C stops it.
+    - On Linux the server stops when the run that started it dies, even by ``kill -9``. Elsewhere
+      a killed parent leaves it running, as Prefect's own ephemeral server does.
 """
 
 # Standard library imports
@@ -60,6 +60,8 @@ POLL_SECONDS = 0.05
 PORT_IN_USE_STATUS = 3
 # The file in which Prefect records that its block types are registered in the database.
 MEMO_FILE = "memo_store.toml"
+# Linux's prctl option that signals a process when its parent dies.
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -180,7 +182,18 @@ def _launch(port: int) -> subprocess.Popen:
         "--host", "127.0.0.1", "--port", str(port),
         "--log-level", "error", "--lifespan", "on",
     ]
-    return subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL, preexec_fn=_stop_with_parent)
+
+
+def _stop_with_parent() -> None:
+    """In the server process: have Linux send it SIGTERM when the run that started it dies (even by kill -9)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the server then outlives a killed parent, as Prefect's own does
 
 
 def prepare_seed_database() -> str:
@@ -201,6 +214,12 @@ def prepare_seed_database() -> str:
             else:
                 os.environ["PREFECT_HOME"] = previous
     return _seed_folder()
+
+
+def seed_home(home: str) -> bool:
+    """Seed a new Prefect home (for ``prefect server start`` too); False when there is no seed or it has a database."""
+    database = os.path.join(home, "prefect.db")
+    return not os.path.exists(database) and _seed_database(database)
 
 
 def _default_database_path() -> Optional[str]:

@@ -52,6 +52,7 @@ from typing import Any, Dict, Iterator, List, Optional
 # Third-party imports
 import aiohttp
 from prefect import flow, get_run_logger
+from prefect.concurrency.asyncio import concurrency
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
@@ -109,6 +110,7 @@ async def parallel_requests(
     api_key_secret_block: Optional[str] = None,
     work_dir: Optional[str] = None,
     aws_credentials_block: Optional[str] = None,
+    run_concurrency_limit: Optional[str] = None,
 ) -> State:
     """Send every request of a JSONL file through one shared rate-limit engine and save the results.
 
@@ -132,6 +134,8 @@ async def parallel_requests(
             or a local cache folder for a remote one.
         aws_credentials_block: a prefect-aws AwsCredentials block for S3 (default: the standard
             AWS configuration, ``AWS_ENDPOINT_URL_S3`` included).
+        run_concurrency_limit: the name of a Prefect global concurrency limit that caps how many
+            runs go at once (one slot per run), for example one per API key.
 
     Returns:
         A Completed state when every row has its result, a Failed state naming the reason
@@ -170,7 +174,8 @@ async def parallel_requests(
                           target_utilization)
     progress = RunProgress(total_bytes=size)
     connector = aiohttp.TCPConnector(limit=max_in_flight, limit_per_host=max_in_flight)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    run_slot = concurrency(run_concurrency_limit, occupy=1) if run_concurrency_limit else contextlib.nullcontext()
+    async with run_slot, aiohttp.ClientSession(connector=connector) as session:
         state = SharedRunState(settings, limiter, ApiClient(session, api_key, request_timeout_seconds),
                                estimator, progress, transport_params)
         async with progress_artifact(progress):

@@ -6,6 +6,7 @@ It publishes three artifacts, under stable keys so runs can be compared on the A
     parallel-requests-progress   a progress artifact that moves while the shards run
     parallel-requests-shards     a table with one row per shard
     parallel-requests-summary    a markdown summary of the run
+    parallel-requests-output     a link to the output
 
 Usage:
     >>> totals = StatusTracker.merged(shard_trackers)
@@ -23,12 +24,14 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 # Third-party imports
 from prefect.artifacts import (
+    acreate_link_artifact,
     acreate_markdown_artifact,
     acreate_progress_artifact,
     acreate_table_artifact,
@@ -41,6 +44,7 @@ logger = logging.getLogger(__name__)
 PROGRESS_KEY = "parallel-requests-progress"
 SHARDS_TABLE_KEY = "parallel-requests-shards"
 SUMMARY_KEY = "parallel-requests-summary"
+OUTPUT_LINK_KEY = "parallel-requests-output"
 # How often the progress artifact is updated while shards run.
 PROGRESS_INTERVAL_SECONDS = 2.0
 
@@ -272,6 +276,8 @@ async def publish_run_artifacts(summary: RunSummary) -> None:
     )
     await acreate_markdown_artifact(key=SUMMARY_KEY, markdown=summary.to_markdown(),
                                     description=f"Run summary for {summary.source}")
+    await acreate_link_artifact(key=OUTPUT_LINK_KEY, link=_link_to(summary.output), link_text=summary.output,
+                                description="The results, in input order")
 
 
 @contextlib.asynccontextmanager
@@ -302,6 +308,13 @@ async def progress_artifact(progress: RunProgress, interval_seconds: float = PRO
 
 
 # Helpers
+
+
+def _link_to(output: str) -> str:
+    """A link for an output: its URI, or a file:// URL for a local path."""
+    if "://" in output:
+        return output
+    return "file://" + os.path.abspath(output)
 
 
 def _against(rate: float, limit: Optional[float]) -> str:

@@ -114,19 +114,11 @@ def input_fingerprint(uri: str, transport_params: Optional[Dict[str, Any]] = Non
 
 
 def decompress_to(uri: str, target: str, transport_params: Optional[Dict[str, Any]] = None) -> None:
-    """Decompress a .gz/.bz2/.zst input into a local file, in one streaming pass, atomically."""
-    temporary = f"{target}.{uuid.uuid4().hex}.tmp"
-    try:
-        params = transport_params if is_remote(uri) else None
-        with smart_open.open(uri, "rb", compression=compression_of(uri), transport_params=params) as source, \
-                open(temporary, "wb") as copy:
-            shutil.copyfileobj(source, copy, COPY_BUFFER_BYTES)
-            copy.flush()
-            os.fsync(copy.fileno())
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    """Decompress a .gz/.bz2/.zst input into a local (uncompressed) file, in one streaming pass, atomically."""
+    params = transport_params if is_remote(uri) else None
+    with smart_open.open(uri, "rb", compression=compression_of(uri), transport_params=params) as source, \
+            open_atomic_output(target) as copy:
+        shutil.copyfileobj(source, copy, COPY_BUFFER_BYTES)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,162 @@
+"""Deployments on a real Prefect server and a real process worker: deploy --all, run, read back, limits."""
+
+# Standard library imports
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any, Dict, Iterator, List, Tuple
+
+# Third-party imports
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+    TaskRunFilter,
+    TaskRunFilterFlowRunId,
+)
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+# Local application imports
+from flows.embedded_prefect_api import seed_home
+from tests.conftest import write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+KEY = "sk-test-DEPLOYSECRET-0123456789abcdef"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+        if process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(8)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory) -> Iterator[Tuple[str, Dict[str, str]]]:
+    """`prefect server start` on a free port of 127.0.0.1 with its own SQLite home."""
+    home = str(tmp_path_factory.mktemp("prefect-server-home"))
+    seed_home(home)
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "OPENAI_API_KEY"}
+    env.update(PREFECT_HOME=home, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+               PWD="/")  # a stale shell variable must not matter: deploying uses the real working folder
+    server = subprocess.Popen([f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    api_url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{api_url}/health", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "prefect server did not start"
+            time.sleep(0.2)
+    env["PREFECT_API_URL"] = api_url
+    yield api_url, env
+    _stop(server)
+
+
+def _prefect(env: Dict[str, str], *arguments: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    result = subprocess.run([f"{BIN}/prefect", *arguments], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"prefect {' '.join(arguments)}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+async def test_deploy_all_then_an_adhoc_run_through_a_worker(prefect_server, api_server, tmp_path) -> None:
+    api_url, env = prefect_server
+    server = api_server(api_key=KEY, requests_per_minute=6000)
+    rows = [{"model": "text-embedding-3-small", "input": f"d{i}"} for i in range(120)] + ["{broken"]
+    source = write_jsonl(tmp_path / "deploy.jsonl", rows)
+    _prefect(env, "work-pool", "create", "local", "--type", "process")
+    _prefect(env, "--no-prompt", "deploy", "--all")
+    worker = subprocess.Popen([f"{BIN}/prefect", "worker", "start", "--pool", "local"], cwd=str(tmp_path),
+                              env=dict(env, OPENAI_API_KEY=KEY), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _prefect(env, "deployment", "run", "parallel-requests/adhoc",
+                 "--param", f"requests_filepath={source}",
+                 "--param", f"request_url={server.url}/v1/embeddings",
+                 "--param", "max_requests_per_minute=6000", "--param", "shards=3", "--watch", timeout=240)
+    finally:
+        _stop(worker)
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        async with get_client() as client:
+            nightly = await client.read_deployment_by_name("parallel-requests/nightly-example")
+            assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+            adhoc = await client.read_deployment_by_name("parallel-requests/adhoc")
+            assert not adhoc.schedules
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id={"any_": [adhoc.id]}))
+            assert len(runs) == 1 and runs[0].state.is_completed(), runs[0].state
+            run = runs[0]
+            artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    by_key = {artifact.key: artifact for artifact in artifacts}
+    table = json.loads(by_key["parallel-requests-shards"].data)
+    assert len(table) == 3 and sum(row["succeeded"] for row in table) == 120
+    assert sum(row["invalid_lines"] for row in table) == 1
+    assert by_key["parallel-requests-progress"].data == 100.0
+    assert "| succeeded | 120 |" in by_key["parallel-requests-summary"].data
+    assert "deploy_results.jsonl" in by_key["parallel-requests-output"].data
+    assert run.name == "parallel-requests deploy.jsonl"
+    everything = json.dumps(run.parameters) + json.dumps([a.data for a in artifacts]) + " ".join(l.message for l in logs)
+    assert KEY not in everything
+    assert server.stats()["status_counts"]["200"] == 120  # the worker's key reached the API
+    assert len(open(tmp_path / "deploy_results.jsonl").readlines()) == 121
+
+
+async def test_a_tag_concurrency_limit_caps_running_shards(prefect_server, api_server, tmp_path) -> None:
+    api_url, env = prefect_server
+    server = api_server(latency_seconds=0.05)
+    source = write_jsonl(tmp_path / "six.jsonl", [{"model": "text-embedding-3-small", "input": f"s{i}"}
+                                                  for i in range(60)])
+    _prefect(env, "concurrency-limit", "create", "parallel-requests", "2")
+    try:
+        run = subprocess.run([f"{BIN}/parallel-requests", "--requests_filepath", source, "--request_url",
+                              f"{server.url}/v1/embeddings", "--shards", "6", "--max_requests_per_minute", "inf",
+                              "--max_tokens_per_minute", "inf", "--max-in-flight", "2"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        _prefect(env, "concurrency-limit", "delete", "parallel-requests")
+    assert run.returncode == 0, run.stderr[-3000:]
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        async with get_client() as client:
+            flow_runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name={"any_": ["parallel-requests six.jsonl"]}))
+            assert len(flow_runs) == 1
+            task_runs = await client.read_task_runs(task_run_filter=TaskRunFilter(
+                flow_run_id=TaskRunFilterFlowRunId(any_=[flow_runs[0].id])))
+    shards = [task_run for task_run in task_runs if task_run.name.startswith("six.jsonl shard")]
+    assert len(shards) == 6
+    events: List[Tuple[Any, int]] = []
+    for task_run in shards:
+        events += [(task_run.start_time, 1), (task_run.end_time, -1)]
+    running = peak = 0
+    for _, change in sorted(events, key=lambda event: (event[0], event[1])):
+        running += change
+        peak = max(peak, running)
+    assert peak == 2  # the limit held, and shards did run side by side up to it
