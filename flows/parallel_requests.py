@@ -169,7 +169,7 @@ async def parallel_requests(
 
     estimator = TokenEstimator.for_name(token_encoding_name) if max_tokens_per_minute is not None else None
     settings = RunSettings(request_url=request_url, shape=shape, max_attempts=max_attempts,
-                           retry_base_seconds=retry_base_seconds, estimate_tokens=estimator is not None)
+                           retry_base_seconds=retry_base_seconds)
     limiter = RateLimiter(max_requests_per_minute, max_tokens_per_minute, max_in_flight, burst_seconds,
                           target_utilization)
     progress = RunProgress(total_bytes=size)

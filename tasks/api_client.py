@@ -34,7 +34,6 @@ Usage:
 import asyncio
 import email.utils
 import enum
-import json
 import random
 import re
 import time

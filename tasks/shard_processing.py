@@ -31,7 +31,6 @@ Usage (inside an async flow, with every shard awaited together):
 
 # Standard library imports
 import asyncio
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from typing import Any, Dict, List, Optional, Set
 # Third-party imports
 from prefect import get_run_logger, task
 from prefect.runtime import task_run as current_task_run
-from prefect.states import Failed, State
+from prefect.states import Failed
 
 # Local application imports
 from tasks.api_client import ApiClient, ApiResult, Outcome, backoff_seconds
@@ -108,14 +107,12 @@ class RunSettings:
         shape: the input's shape.
         max_attempts: how many times a request is tried, at most, on retryable failures.
         retry_base_seconds: the first retry's backoff (doubled for each later one).
-        estimate_tokens: whether requests' tokens are estimated (needed for a TPM limit).
     """
 
     request_url: str
     shape: RequestShape
     max_attempts: int = 5
     retry_base_seconds: float = 0.5
-    estimate_tokens: bool = True
 
 
 class SharedRunState:

@@ -15,7 +15,7 @@ Usage:
 import socket
 import socketserver
 import threading
-from typing import Any, Tuple
+from typing import Any
 
 
 class ByteCountingProxy:

@@ -1,7 +1,6 @@
 """The command line, run as a user runs it: the Cookbook's flags verbatim, exit codes, no tracebacks, no leaked key."""
 
 # Standard library imports
-import json
 import os
 import random
 import subprocess

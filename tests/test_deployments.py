@@ -15,7 +15,6 @@ from typing import Any, Dict, Iterator, List, Tuple
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    ArtifactFilter,
     FlowRunFilter,
     FlowRunFilterId,
     LogFilter,

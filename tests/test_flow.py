@@ -2,15 +2,13 @@
 
 # Standard library imports
 import asyncio
-import hashlib
 import json
 import os
 from typing import Any, Dict, List
 
 # Third-party imports
-import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
 # Local application imports
 from flows.parallel_requests import parallel_requests
@@ -43,10 +41,7 @@ def _cookbook_rows(count: int) -> List[Any]:
 
 async def _run(**parameters: Any):
     state = await parallel_requests(**parameters, return_state=True)
-    summary = await state.result(raise_on_failure=False) if asyncio.iscoroutinefunction(state.result) else state.result(raise_on_failure=False)
-    if asyncio.iscoroutine(summary):
-        summary = await summary
-    return state, summary
+    return state, await state.aresult(raise_on_failure=False)
 
 
 async def test_cookbook_file_every_row_once_in_order_with_artifacts(prefect_api_url, api_server, tmp_path, monkeypatch) -> None:
