@@ -12,7 +12,9 @@ Usage:
 
 Every flag of the Cookbook's ``api_request_parallel_processor.py`` works verbatim, and each is also
 spelled with dashes. ``--api_key`` defaults to the ``OPENAI_API_KEY`` environment variable.
-Limits take a number, or ``inf`` for none. ``--logging_level`` takes a number (20) or a name (INFO).
+Limits take a number, or ``inf`` for none. An omitted limit is learned from the server's
+``x-ratelimit-*`` headers (falling back to the Cookbook's 1,500 RPM and 125,000 TPM when the
+server sends none), and any limit is lowered to what the server says. ``--logging_level`` takes a number (20) or a name (INFO).
 
 Exit status: 0 when every row has its result line (failed rows are counted in the summary);
 1 with a one-line reason when the run stopped early; 2 for bad arguments or a missing input.
@@ -32,9 +34,6 @@ from typing import Any, Callable, Dict, Optional, Sequence
 from flows.embedded_prefect_api import start_embedded_api
 from tasks.request_formats import DEFAULT_REQUEST_URL
 
-# The Cookbook script's defaults, kept so its command lines behave the same.
-DEFAULT_MAX_REQUESTS_PER_MINUTE = 3_000 * 0.5
-DEFAULT_MAX_TOKENS_PER_MINUTE = 250_000 * 0.5
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_MAX_IN_FLIGHT = 200
 # The environment variable through which the command line hands ``--api_key`` to the flow.
@@ -110,10 +109,12 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("request_url", default=DEFAULT_REQUEST_URL,
         help="API endpoint for cookbook lines, base URL for Batch lines (default: %(default)s)")
     add("api_key", default=None, help="API key (default: the OPENAI_API_KEY environment variable)")
-    add("max_requests_per_minute", type=_limit, default=DEFAULT_MAX_REQUESTS_PER_MINUTE,
-        help="request limit per minute; 'inf' for none (default: %(default)s)")
-    add("max_tokens_per_minute", type=_limit, default=DEFAULT_MAX_TOKENS_PER_MINUTE,
-        help="token limit per minute; 'inf' for none (default: %(default)s)")
+    add("max_requests_per_minute", type=_limit, default=None,
+        help="request limit per minute; 'inf' for none (default: learn it from the server's "
+             "x-ratelimit headers, else 1500)")
+    add("max_tokens_per_minute", type=_limit, default=None,
+        help="token limit per minute; 'inf' for none (default: learn it from the server's "
+             "x-ratelimit headers, else 125000)")
     add("token_encoding_name", default=None,
         help="tiktoken encoding for estimates (default: follow each request's model)")
     add("max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
@@ -210,15 +211,14 @@ def _check_input(requests_filepath: str) -> None:
         raise PermissionError(f"cannot read the input file: {requests_filepath}")
 
 
-def _limit(text: str) -> Optional[float]:
+def _limit(text: str) -> float:
     """A per-minute limit from the command line: a number, or inf/none/unlimited for no limit."""
     if text.strip().lower() in ("inf", "infinity", "none", "unlimited"):
-        return None
+        return math.inf
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'inf', got {text!r}") from None
-    return None if math.isinf(value) else value
 
 
 def _logging_level(text: str) -> int:

@@ -44,6 +44,7 @@ Pitfalls:
 import asyncio
 import contextlib
 import gc
+import math
 import os
 import sys
 import time
@@ -61,8 +62,6 @@ from prefect.utilities.annotations import quote
 from flows.command_line import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_MAX_REQUESTS_PER_MINUTE,
-    DEFAULT_MAX_TOKENS_PER_MINUTE,
     default_save_path,
     main,
     validate_settings,
@@ -96,8 +95,8 @@ async def parallel_requests(
     requests_filepath: str,
     save_filepath: Optional[str] = None,
     request_url: str = DEFAULT_REQUEST_URL,
-    max_requests_per_minute: Optional[float] = DEFAULT_MAX_REQUESTS_PER_MINUTE,
-    max_tokens_per_minute: Optional[float] = DEFAULT_MAX_TOKENS_PER_MINUTE,
+    max_requests_per_minute: Optional[float] = None,
+    max_tokens_per_minute: Optional[float] = None,
     token_encoding_name: Optional[str] = None,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
@@ -111,6 +110,7 @@ async def parallel_requests(
     work_dir: Optional[str] = None,
     aws_credentials_block: Optional[str] = None,
     run_concurrency_limit: Optional[str] = None,
+    learn_limits: bool = True,
 ) -> State:
     """Send every request of a JSONL file through one shared rate-limit engine and save the results.
 
@@ -118,8 +118,9 @@ async def parallel_requests(
         requests_filepath: the JSONL input (cookbook or Batch API shape).
         save_filepath: the JSONL output; default: the input's name with ``_results.jsonl``.
         request_url: the API endpoint (cookbook lines) or the base URL (Batch lines' paths).
-        max_requests_per_minute: the request limit; None for no limit.
-        max_tokens_per_minute: the token limit; None for no limit (no token estimation then).
+        max_requests_per_minute: the request limit. None: learn it from the server's
+            ``x-ratelimit-*`` headers (see learn_limits). The server's headers lower any limit.
+        max_tokens_per_minute: the token limit, likewise.
         token_encoding_name: force a tiktoken encoding; None follows each request's model.
         max_attempts: how many times a request is tried, at most, on retryable failures.
         max_in_flight: how many requests may await an answer at once, across all shards.
@@ -136,6 +137,8 @@ async def parallel_requests(
             AWS configuration, ``AWS_ENDPOINT_URL_S3`` included).
         run_concurrency_limit: the name of a Prefect global concurrency limit that caps how many
             runs go at once (one slot per run), for example one per API key.
+        learn_limits: with a limit of None, start cautiously and learn it from the server (falling
+            back to the Cookbook's 1,500 RPM / 125,000 TPM); False makes None mean no limit.
 
     Returns:
         A Completed state when every row has its result, a Failed state naming the reason
@@ -167,11 +170,12 @@ async def parallel_requests(
     logger.info("Read %s: %d bytes, %s shape, %d shard(s); results go to %s%s", requests_filepath, size, shape.value,
                 len(shard_specs), save_filepath, f" (resuming from {work.path})" if work.resumed else "")
 
-    estimator = TokenEstimator.for_name(token_encoding_name) if max_tokens_per_minute is not None else None
+    limits_tokens = (max_tokens_per_minute is not None and not math.isinf(max_tokens_per_minute)) or learn_limits
+    estimator = TokenEstimator.for_name(token_encoding_name) if limits_tokens else None
     settings = RunSettings(request_url=request_url, shape=shape, max_attempts=max_attempts,
                            retry_base_seconds=retry_base_seconds)
     limiter = RateLimiter(max_requests_per_minute, max_tokens_per_minute, max_in_flight, burst_seconds,
-                          target_utilization)
+                          target_utilization, learn_limits=learn_limits)
     progress = RunProgress(total_bytes=size)
     connector = aiohttp.TCPConnector(limit=max_in_flight, limit_per_host=max_in_flight)
     run_slot = concurrency(run_concurrency_limit, occupy=1) if run_concurrency_limit else contextlib.nullcontext()
@@ -194,7 +198,8 @@ async def parallel_requests(
         return _storage_failure(logger, save_filepath, error)
     summary = RunSummary(
         source=requests_filepath, output=save_filepath, totals=StatusTracker.merged(trackers), shards=trackers,
-        max_requests_per_minute=max_requests_per_minute, max_tokens_per_minute=max_tokens_per_minute,
+        max_requests_per_minute=_finite(_lower_limit(max_requests_per_minute, limiter.learned_requests_per_minute)),
+        max_tokens_per_minute=_finite(limiter.token_limit),
         stop_reason=state.stop_reason, error_examples=report.invalid_line_examples + state.error_examples,
         duration_seconds=time.monotonic() - started,
     )
@@ -231,6 +236,17 @@ def _collector_tuned_for_sending() -> Iterator[None]:
     finally:
         gc.set_threshold(*thresholds)
         gc.unfreeze()
+
+
+def _lower_limit(configured: Optional[float], learned: Optional[float]) -> Optional[float]:
+    """The limit in force: the lower of the configured one and the one the server said."""
+    known = [limit for limit in (configured, learned) if limit is not None]
+    return min(known) if known else None
+
+
+def _finite(limit: Optional[float]) -> Optional[float]:
+    """A limit for reports: None for no limit."""
+    return None if limit is None or math.isinf(limit) else limit
 
 
 async def _trackers_or_stop(outcomes: List[State], shards: List[ShardSpec], state: SharedRunState) -> List[StatusTracker]:

@@ -67,6 +67,27 @@ class Outcome(enum.Enum):
     STOP = "stop"
 
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """What a response's ``x-ratelimit-*`` headers say (None where a header is absent).
+
+    Attributes:
+        limit_requests: the request limit per minute.
+        remaining_requests: requests left before the limit is reached.
+        reset_requests_seconds: seconds until the request budget is whole again.
+        limit_tokens: the token limit per minute.
+        remaining_tokens: tokens left.
+        reset_tokens_seconds: seconds until the token budget is whole again.
+    """
+
+    limit_requests: Optional[float] = None
+    remaining_requests: Optional[float] = None
+    reset_requests_seconds: Optional[float] = None
+    limit_tokens: Optional[float] = None
+    remaining_tokens: Optional[float] = None
+    reset_tokens_seconds: Optional[float] = None
+
+
 @dataclass
 class ApiResult:
     """One attempt's answer, decided.
@@ -80,6 +101,7 @@ class ApiResult:
         retry_after: seconds the server asked us to wait, when it said.
         request_id: the server's ``x-request-id``, when it sent one.
         rate_limit_scope: "requests" or "tokens" when a 429 says which limit was hit.
+        limits: what the answer's ``x-ratelimit-*`` headers say, when it had any.
     """
 
     outcome: Outcome
@@ -90,6 +112,7 @@ class ApiResult:
     retry_after: Optional[float] = None
     request_id: Optional[str] = None
     rate_limit_scope: Optional[str] = None
+    limits: Optional[ServerLimits] = None
 
 
 @dataclass
@@ -140,7 +163,7 @@ class ApiClient:
 
 
 def decide(status: int, raw: bytes, headers: Mapping[str, str], api_key: Optional[str] = None) -> ApiResult:
-    """Turn one HTTP answer into an ``ApiResult``.
+    """Turn one HTTP answer into an ``ApiResult``, with what its rate-limit headers say.
 
     Args:
         status: the HTTP status.
@@ -151,6 +174,25 @@ def decide(status: int, raw: bytes, headers: Mapping[str, str], api_key: Optiona
     Returns:
         The decided result.
     """
+    result = _decide_outcome(status, raw, headers, api_key)
+    result.limits = server_limits(headers)
+    return result
+
+
+def server_limits(headers: Mapping[str, str]) -> Optional[ServerLimits]:
+    """Read OpenAI's ``x-ratelimit-*`` headers; None when the answer has none."""
+    values = {}
+    for scope in ("requests", "tokens"):
+        values[f"limit_{scope}"] = _number(headers.get(f"x-ratelimit-limit-{scope}"))
+        values[f"remaining_{scope}"] = _number(headers.get(f"x-ratelimit-remaining-{scope}"))
+        values[f"reset_{scope}_seconds"] = parse_duration(headers.get(f"x-ratelimit-reset-{scope}"))
+    if all(value is None for value in values.values()):
+        return None
+    return ServerLimits(**values)
+
+
+def _decide_outcome(status: int, raw: bytes, headers: Mapping[str, str], api_key: Optional[str]) -> ApiResult:
+    """The outcome of one HTTP answer."""
     request_id = headers.get("x-request-id")
     try:
         body = fast_json.loads(raw) if raw else None
@@ -271,6 +313,14 @@ def _rate_limit_scope(kind: str, message: str) -> Optional[str]:
     if "requests per min" in lowered or "(rpm)" in lowered:
         return "requests"
     return None
+
+
+def _number(text: Optional[str]) -> Optional[float]:
+    """A header's number, or None."""
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
 
 
 def _snippet(raw: bytes, limit: int = 200) -> str:

@@ -21,6 +21,13 @@ Features:
       ``RequestNeverFits`` instead of waiting forever.
     - ``slow_down()`` empties the buckets after a 429, so the engine goes on only at its
       refill rate. It slows the engine; it does not freeze it for a fixed time.
+    - ``observe()`` follows the server's ``x-ratelimit-*`` headers on every answer. The rate
+      becomes the lower of the configured limit and the server's. A bucket never holds more
+      than the server says remains, less what is in flight. An exhausted budget pauses its
+      bucket until the server's reset. With ``learn_limits`` and no configured limit, a bucket
+      starts cautiously (one request, then one a second) until the first answer says the real
+      limit. Without such headers it falls back to the Cookbook's defaults.
+    - ``refund_tokens()`` gives back what a request reserved but did not use.
 
 Usage:
     >>> limiter = RateLimiter(max_requests_per_minute=6_000, max_tokens_per_minute=1_000_000,
@@ -42,10 +49,16 @@ import collections
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Deque, Optional
+from typing import Any, AsyncIterator, Deque, Optional
 
 # A float tolerance, so that a bucket refilled to 0.9999999999 of a request still serves it.
 _EPSILON = 1e-9
+# Where a learning bucket starts, before the first answer says the server's limits.
+LEARNING_REQUESTS_PER_MINUTE = 60.0
+LEARNING_TOKENS_PER_MINUTE = 60_000.0
+# The Cookbook script's defaults, used when the server's answers carry no limits.
+FALLBACK_REQUESTS_PER_MINUTE = 3_000 * 0.5
+FALLBACK_TOKENS_PER_MINUTE = 250_000 * 0.5
 
 
 class RequestNeverFits(ValueError):
@@ -58,12 +71,14 @@ class TokenBucket:
 
     An unlimited bucket has ``rate_per_second`` set to ``math.inf`` and never makes anyone wait.
     The level may go below zero (debt) when a request bigger than the capacity is served.
+    A paused bucket does not refill before ``paused_until``.
     """
 
     rate_per_second: float
     capacity: float
     level: float = 0.0
     updated_at: float = 0.0
+    paused_until: float = 0.0
 
     @classmethod
     def per_minute(cls, limit_per_minute: Optional[float], burst_seconds: float, now: float) -> "TokenBucket":
@@ -97,15 +112,16 @@ class TokenBucket:
         return math.isinf(self.rate_per_second)
 
     def refill(self, now: float) -> None:
-        """Add what has flowed in since the last refill, up to the capacity."""
+        """Add what has flowed in since the last refill (or the end of a pause), up to the capacity."""
         if self.unlimited:
             return
-        elapsed = now - self.updated_at
+        start = max(self.updated_at, self.paused_until)
+        elapsed = now - start
         if elapsed > 0:
             self.level = min(self.capacity, self.level + elapsed * self.rate_per_second)
             self.updated_at = now
 
-    def seconds_until_available(self, amount: float) -> float:
+    def seconds_until_available(self, amount: float, now: float) -> float:
         """Seconds until ``amount`` can be served (0.0 when it can be served now).
 
         A request bigger than the capacity is served as soon as the bucket is full.
@@ -113,9 +129,28 @@ class TokenBucket:
         if self.unlimited:
             return 0.0
         needed = min(amount, self.capacity) - self.level
+        pause = max(0.0, self.paused_until - now)
         if needed <= _EPSILON:
-            return 0.0
-        return needed / self.rate_per_second
+            return pause
+        return pause + needed / self.rate_per_second
+
+    def set_rate(self, limit_per_minute: float, burst_seconds: float, now: float) -> None:
+        """Change the refill rate (and the depth that follows from it), keeping the level."""
+        self.refill(now)
+        self.rate_per_second = limit_per_minute / 60.0
+        self.capacity = max(self.rate_per_second * burst_seconds, 1.0)
+        self.level = min(self.level, self.capacity)
+        self.updated_at = max(self.updated_at, now)
+
+    def cap_level(self, most: float) -> None:
+        """Hold no more than ``most`` (it may be below zero: a debt to refill first)."""
+        if not self.unlimited:
+            self.level = min(self.level, most)
+
+    def pause(self, until: float) -> None:
+        """Refill nothing before ``until``."""
+        if not self.unlimited:
+            self.paused_until = max(self.paused_until, until)
 
     def take(self, amount: float) -> None:
         """Remove ``amount`` from the bucket; the level may go below zero."""
@@ -151,6 +186,8 @@ class RateLimiter:
         max_in_flight: how many requests may be waiting for an answer at once.
         burst_seconds: how many seconds of each limit the buckets hold at most.
         target_utilization: the share of each limit the buckets refill at (0 to 1).
+        learn_limits: for a limit that is None, start cautiously and learn it from the server's
+            headers (falling back to the Cookbook's defaults), instead of having no limit.
     """
 
     max_requests_per_minute: Optional[float]
@@ -158,7 +195,11 @@ class RateLimiter:
     max_in_flight: int = 200
     burst_seconds: float = 1.0
     target_utilization: float = 0.98
+    learn_limits: bool = False
     in_flight: int = field(default=0, init=False)
+    tokens_in_flight: float = field(default=0.0, init=False)
+    learned_requests_per_minute: Optional[float] = field(default=None, init=False)
+    learned_tokens_per_minute: Optional[float] = field(default=None, init=False)
     _requests: Optional[TokenBucket] = field(default=None, init=False, repr=False)
     _tokens: Optional[TokenBucket] = field(default=None, init=False, repr=False)
     _waiters: Deque[_Waiter] = field(default_factory=collections.deque, init=False, repr=False)
@@ -188,7 +229,7 @@ class RateLimiter:
         try:
             yield
         finally:
-            self.release()
+            self.release(tokens)
 
     async def acquire(self, tokens: float) -> None:
         """Wait, first in first out, until one request and ``tokens`` tokens can be sent.
@@ -199,10 +240,11 @@ class RateLimiter:
             RequestNeverFits: when ``tokens`` is above the per-minute token limit.
         """
         self._bind_loop()
-        if self.max_tokens_per_minute is not None and tokens > self.max_tokens_per_minute:
+        token_limit = self.token_limit
+        if token_limit is not None and tokens > token_limit:
             raise RequestNeverFits(
                 f"the request is estimated at {int(tokens):,} tokens, more than "
-                f"max_tokens_per_minute={int(self.max_tokens_per_minute):,}: it can never be sent"
+                f"the limit of {int(token_limit):,} tokens per minute: it can never be sent"
             )
         if not self._waiters and self._try_grant(tokens):
             return
@@ -214,13 +256,47 @@ class RateLimiter:
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 # Granted in the same instant as cancelled: give the capacity back.
-                self.release()
+                self.release(tokens)
             self._dispatch()
             raise
 
-    def release(self) -> None:
-        """Free one in-flight slot and wake whoever waits for it."""
+    def release(self, tokens: float = 0.0) -> None:
+        """Free one in-flight slot (that reserved ``tokens``) and wake whoever waits for it."""
         self.in_flight -= 1
+        self.tokens_in_flight -= tokens
+        if self._waiters:
+            self._dispatch()
+
+    @property
+    def token_limit(self) -> Optional[float]:
+        """The token limit per minute in force: configured, learned from the server, or None."""
+        return _lower(self.max_tokens_per_minute, self.learned_tokens_per_minute)
+
+    def observe(self, limits: Any) -> None:
+        """Follow an answer's ``x-ratelimit-*`` headers (a ``ServerLimits``), or their absence (None)."""
+        self._bind_loop()
+        now = self._loop.time()  # type: ignore[union-attr]
+        for scope, bucket, configured in (("requests", self._requests, self.max_requests_per_minute),
+                                          ("tokens", self._tokens, self.max_tokens_per_minute)):
+            assert bucket is not None
+            server_limit = getattr(limits, f"limit_{scope}", None)
+            remaining = getattr(limits, f"remaining_{scope}", None)
+            reset = getattr(limits, f"reset_{scope}_seconds", None)
+            learned = getattr(self, f"learned_{scope}_per_minute")
+            if server_limit and server_limit != learned:
+                setattr(self, f"learned_{scope}_per_minute", server_limit)
+                self._set_bucket_rate(bucket, _lower(configured, server_limit), now)
+            elif server_limit is None and learned is None and configured is None and self.learn_limits:
+                # The server does not say its limit: fall back to the Cookbook's defaults, once.
+                fallback = FALLBACK_REQUESTS_PER_MINUTE if scope == "requests" else FALLBACK_TOKENS_PER_MINUTE
+                setattr(self, f"learned_{scope}_per_minute", fallback)
+                self._set_bucket_rate(bucket, fallback, now)
+            if remaining is not None and not bucket.unlimited:
+                reserved = self.in_flight if scope == "requests" else self.tokens_in_flight
+                bucket.refill(now)
+                bucket.cap_level(remaining - reserved)
+                if remaining <= reserved and reset:
+                    bucket.pause(now + reset)
         if self._waiters:
             self._dispatch()
 
@@ -252,8 +328,21 @@ class RateLimiter:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             now = self._loop.time()
-            self._requests = TokenBucket.per_minute(self._target(self.max_requests_per_minute), self.burst_seconds, now)
-            self._tokens = TokenBucket.per_minute(self._target(self.max_tokens_per_minute), self.burst_seconds, now)
+            self._requests = self._new_bucket(self.max_requests_per_minute, LEARNING_REQUESTS_PER_MINUTE, now)
+            self._tokens = self._new_bucket(self.max_tokens_per_minute, LEARNING_TOKENS_PER_MINUTE, now)
+
+    def _new_bucket(self, configured: Optional[float], learning_start: float, now: float) -> TokenBucket:
+        """A bucket for a configured limit; with none, a cautious learning one or an unlimited one."""
+        if configured is None and self.learn_limits:
+            bucket = TokenBucket.per_minute(learning_start, self.burst_seconds, now)
+            bucket.level = bucket.capacity  # the first request goes at once: its answer tells the limits
+            return bucket
+        return TokenBucket.per_minute(self._target(configured), self.burst_seconds, now)
+
+    def _set_bucket_rate(self, bucket: TokenBucket, limit: Optional[float], now: float) -> None:
+        """Make a bucket follow a (new) per-minute limit."""
+        if limit is not None:
+            bucket.set_rate(limit * self.target_utilization, self.burst_seconds, now)
 
     def _target(self, limit: Optional[float]) -> Optional[float]:
         """The rate the buckets aim for: the limit times the target utilization."""
@@ -267,11 +356,12 @@ class RateLimiter:
         now = self._loop.time()
         self._requests.refill(now)
         self._tokens.refill(now)
-        if self._requests.seconds_until_available(1) > 0 or self._tokens.seconds_until_available(tokens) > 0:
+        if self._requests.seconds_until_available(1, now) > 0 or self._tokens.seconds_until_available(tokens, now) > 0:
             return False
         self._requests.take(1)
         self._tokens.take(tokens)
         self.in_flight += 1
+        self.tokens_in_flight += tokens
         return True
 
     def _dispatch(self) -> None:
@@ -288,8 +378,8 @@ class RateLimiter:
             self._requests.refill(now)
             self._tokens.refill(now)
             delay = max(
-                self._requests.seconds_until_available(1),
-                self._tokens.seconds_until_available(waiter.tokens),
+                self._requests.seconds_until_available(1, now),
+                self._tokens.seconds_until_available(waiter.tokens, now),
             )
             if delay > 0:
                 self._set_timer(delay)
@@ -298,6 +388,7 @@ class RateLimiter:
             self._requests.take(1)
             self._tokens.take(waiter.tokens)
             self.in_flight += 1
+            self.tokens_in_flight += waiter.tokens
             waiter.future.set_result(None)
 
     def _set_timer(self, delay: float) -> None:
@@ -311,3 +402,12 @@ class RateLimiter:
         """The buckets should now serve the head of the line."""
         self._timer = None
         self._dispatch()
+
+
+def _lower(first: Optional[float], second: Optional[float]) -> Optional[float]:
+    """The lower of two limits, where None means no limit."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return min(first, second)

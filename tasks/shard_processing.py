@@ -181,7 +181,7 @@ class _ShardWorker:
                 self.tracker.failed_too_large += 1
                 continue
             if self.state.stop_reason is not None:
-                self.state.limiter.release()
+                self.state.limiter.release(tokens)
                 self.tracker.not_sent += 1
                 continue
             part.write_sent(line_index)
@@ -212,7 +212,7 @@ class _ShardWorker:
                 if self.state.stop_reason is None:
                     await limiter.acquire(tokens)
                     if self.state.stop_reason is not None:
-                        limiter.release()
+                        limiter.release(tokens)
                 if self.state.stop_reason is not None:
                     tracker.not_sent += 1
                     return
@@ -220,11 +220,15 @@ class _ShardWorker:
             try:
                 result = await self.state.client.send(request.method, request.url, request.payload)
             finally:
-                limiter.release()
+                limiter.release(tokens)
                 holds_slot = False
             tracker.note_response()
+            if result.status is not None:
+                limiter.observe(result.limits)  # follow the server's x-ratelimit-* headers
             if result.outcome is Outcome.SUCCESS:
-                self._count_usage(result)
+                used = self._count_usage(result)
+                if used is not None and tokens > used:
+                    limiter.refund_tokens(tokens - used)  # the estimate reserved more than the answer used
                 tracker.succeeded += 1
                 self._finish(part, request, line_bytes, result.status, result.body, result.request_id, None, None)
                 return
@@ -279,14 +283,19 @@ class _ShardWorker:
         self.tracker.tokens_estimated += tokens
         return tokens
 
-    def _count_usage(self, result: ApiResult) -> None:
-        """Add the answer's reported usage to the tracker."""
+    def _count_usage(self, result: ApiResult) -> Optional[int]:
+        """Add the answer's reported usage to the tracker; return the tokens it used (None: not reported)."""
         usage = result.body.get("usage") if isinstance(result.body, dict) else None
-        if isinstance(usage, dict):
-            prompt = usage.get("prompt_tokens")
-            completion = usage.get("completion_tokens")
-            self.tracker.prompt_tokens_used += prompt if isinstance(prompt, int) else 0
-            self.tracker.completion_tokens_used += completion if isinstance(completion, int) else 0
+        if not isinstance(usage, dict):
+            return None
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        prompt = prompt if isinstance(prompt, int) else 0
+        completion = completion if isinstance(completion, int) else 0
+        self.tracker.prompt_tokens_used += prompt
+        self.tracker.completion_tokens_used += completion
+        total = usage.get("total_tokens")
+        return total if isinstance(total, int) else prompt + completion
 
     def _record_invalid_line(self, part: PartWriter, line: InvalidLine, offset: int, line_bytes: int) -> None:
         """Write an invalid line's error record and warn about it."""

@@ -3,6 +3,7 @@
 # Standard library imports
 import asyncio
 import json
+import math
 import os
 from typing import Any, Dict, List
 
@@ -106,7 +107,7 @@ async def test_batch_file_gives_batch_output_in_order(prefect_api_url, api_serve
     rows[5] = {"method": "POST", "url": "/v1/embeddings", "body": {}}
     source = write_jsonl(tmp_path / "batch.jsonl", rows)
     out = str(tmp_path / "out" / "batch_output.jsonl")
-    state, summary = await _run(requests_filepath=source, save_filepath=out, max_requests_per_minute=None,
+    state, summary = await _run(requests_filepath=source, save_filepath=out, max_requests_per_minute=math.inf,
                                 request_url=f"{server.url}/v1/chat/completions", shards=3)
     assert state.is_completed()
     results = read_jsonl(out)

@@ -156,3 +156,58 @@ async def test_refund_returns_tokens() -> None:
     await limiter.acquire(80)
     assert time.monotonic() - start < 0.05
     limiter.release()
+
+
+# Following the server's x-ratelimit-* headers
+
+
+def _limits(**values):
+    from tasks.api_client import ServerLimits
+
+    return ServerLimits(**values)
+
+
+async def test_a_lower_server_limit_wins_over_the_configured_one() -> None:
+    limiter = RateLimiter(max_requests_per_minute=36_000, max_tokens_per_minute=None, target_utilization=1.0)
+    await limiter.acquire(1)
+    limiter.release()
+    limiter.observe(_limits(limit_requests=1200, remaining_requests=1199, reset_requests_seconds=0.05))
+    assert limiter.learned_requests_per_minute == 1200
+    times = await _grant_times(limiter, 21)  # 20 per second, not 600
+    assert times[-1] >= 0.9, times[-1]
+
+
+async def test_an_exhausted_budget_pauses_until_the_servers_reset() -> None:
+    limiter = RateLimiter(max_requests_per_minute=6000, max_tokens_per_minute=None, target_utilization=1.0)
+    await limiter.acquire(1)
+    limiter.observe(_limits(remaining_requests=0, reset_requests_seconds=0.6))
+    limiter.release()
+    start = time.monotonic()
+    await limiter.acquire(1)
+    assert time.monotonic() - start >= 0.55
+    limiter.release()
+
+
+async def test_learning_starts_cautiously_then_adopts_the_servers_limit() -> None:
+    limiter = RateLimiter(max_requests_per_minute=None, max_tokens_per_minute=None, learn_limits=True,
+                          target_utilization=1.0)
+    start = time.monotonic()
+    await limiter.acquire(1)  # the first request goes at once
+    assert time.monotonic() - start < 0.05
+    second = asyncio.create_task(limiter.acquire(1))
+    await asyncio.sleep(0.2)
+    assert not second.done()  # cautious: about one request a second until the limits are known
+    limiter.release()
+    limiter.observe(_limits(limit_requests=6000, remaining_requests=5999, limit_tokens=1_000_000,
+                            remaining_tokens=999_000))
+    await asyncio.wait_for(second, 0.5)
+    limiter.release()
+    assert limiter.learned_requests_per_minute == 6000 and limiter.token_limit == 1_000_000
+
+
+async def test_learning_falls_back_to_the_cookbook_defaults_without_headers() -> None:
+    limiter = RateLimiter(max_requests_per_minute=None, max_tokens_per_minute=None, learn_limits=True)
+    await limiter.acquire(1)
+    limiter.release()
+    limiter.observe(None)
+    assert limiter.learned_requests_per_minute == 1500 and limiter.token_limit == 125_000

@@ -3,6 +3,7 @@
 # Standard library imports
 import gzip
 import json
+import math
 import os
 import signal
 import subprocess
@@ -34,8 +35,8 @@ def _inputs_of(results: List[Any]) -> List[str]:
 
 
 async def _run(**parameters: Any):
-    parameters.setdefault("max_requests_per_minute", None)  # pacing is not what these tests are about
-    parameters.setdefault("max_tokens_per_minute", None)
+    parameters.setdefault("max_requests_per_minute", math.inf)  # pacing is not what these tests are about
+    parameters.setdefault("max_tokens_per_minute", math.inf)
     state = await parallel_requests(**parameters, return_state=True)
     return state, await state.aresult(raise_on_failure=False)
 
