@@ -80,6 +80,10 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         api_key_env_var=CLI_API_KEY_VARIABLE if args.api_key else "OPENAI_API_KEY",
         work_dir=args.work_dir,
         aws_credentials_block=args.aws_credentials_block,
+        dry_run=args.dry_run,
+        price_table=args.price_table,
+        budget_usd=args.budget_usd,
+        model_limits=args.model_limits,
     )
     with embedded_api.settings() if embedded_api else contextlib.nullcontext():
         final_state = asyncio.run(flow_function(**parameters, return_state=True))
@@ -133,6 +137,14 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="where parts and resume state are kept (default: <output>.work beside a local output)")
     add("aws_credentials_block", default=None,
         help="a prefect-aws AwsCredentials block for S3 (default: the standard AWS configuration)")
+    add("dry_run", action="store_true",
+        help="check every line, count tokens, estimate cost and duration, and send nothing")
+    add("price_table", default=None, help="a JSON file of prices per model, over the shipped table")
+    add("model_limits", default=None,
+        help='a JSON file of limits per model: {"gpt-4o-mini": {"requests_per_minute": 5000, '
+             '"tokens_per_minute": 2000000}} (other models use the flags above)')
+    add("budget_usd", type=float, default=None,
+        help="stop dispatching before the run's cost could exceed this many US dollars (resumable)")
     add("retry_base_seconds", type=float, default=0.5,
         help="backoff before the first retry; doubles with each retry, with jitter (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -175,6 +187,8 @@ def default_save_path(requests_filepath: str) -> str:
 
 def format_cli_summary(summary: Dict[str, Any]) -> str:
     """The run summary as the command line prints it."""
+    if summary.get("dry_run"):
+        return format_dry_run(summary)
     if summary.get("already_complete"):
         return f"parallel-requests: {summary['output']} is already complete for this input; nothing was sent"
     totals = summary["totals"]
@@ -193,9 +207,26 @@ def format_cli_summary(summary: Dict[str, Any]) -> str:
         f"{totals['rate_limited']:,} answered 429, {totals['resent_requests']:,} sent again after an interruption; "
         f"{rate:,.0f} requests/min sustained{against}\n"
         f"  tokens estimated {totals['tokens_estimated']:,}; used "
-        f"{totals['prompt_tokens_used'] + totals['completion_tokens_used']:,}\n"
+        f"{totals['prompt_tokens_used'] + totals['completion_tokens_used']:,}; cost ${totals['cost_usd']:,.4f}\n"
         f"  results: {summary['output']}"
     )
+
+
+def format_dry_run(report: Dict[str, Any]) -> str:
+    """A dry run's report as the command line prints it."""
+    cost = report["estimated_cost_usd"]
+    lines = [
+        f"parallel-requests dry run of {report['source']}: nothing was sent",
+        f"  rows {report['rows']:,}: {report['requests']:,} valid requests, {report['invalid_lines']:,} invalid lines",
+        f"  prompt tokens {report['prompt_tokens']:,}; completion tokens at most {report['max_completion_tokens']:,}",
+        f"  estimated cost {'unknown' if cost is None else f'${cost:,.4f}'} (completions at their maximum)"
+        + (f"; no price for {', '.join(report['unpriced_models'])}" if report["unpriced_models"] else ""),
+        f"  estimated duration {report['estimated_minutes']:,.1f} min",
+    ]
+    for model, totals in report["models"].items():
+        lines.append(f"    {model}: {totals['requests']:,} requests, {totals['prompt_tokens']:,} prompt tokens")
+    lines += [f"  {example}" for example in report["invalid_examples"]]
+    return "\n".join(lines)
 
 
 # Helpers

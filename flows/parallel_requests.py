@@ -44,6 +44,7 @@ Pitfalls:
 import asyncio
 import contextlib
 import gc
+import json
 import math
 import os
 import sys
@@ -67,8 +68,17 @@ from flows.command_line import (
     validate_settings,
 )
 from tasks.api_client import ApiClient
-from tasks.metrics import RunProgress, RunSummary, StatusTracker, progress_artifact, publish_run_artifacts
-from tasks.rate_limiter import RateLimiter
+from tasks.metrics import (
+    RunProgress,
+    RunSummary,
+    StatusTracker,
+    progress_artifact,
+    publish_dry_run_artifact,
+    publish_run_artifacts,
+)
+from tasks.dry_run import plan_dry_run
+from tasks.pricing import PriceTable
+from tasks.rate_limiter import FALLBACK_REQUESTS_PER_MINUTE, FALLBACK_TOKENS_PER_MINUTE, RateLimiterPool
 from tasks.request_formats import DEFAULT_REQUEST_URL, detect_shape
 from tasks.results_storage import PartInfo, assemble_output
 from tasks.shard_processing import RunSettings, SharedRunState, process_shard
@@ -111,6 +121,10 @@ async def parallel_requests(
     aws_credentials_block: Optional[str] = None,
     run_concurrency_limit: Optional[str] = None,
     learn_limits: bool = True,
+    dry_run: bool = False,
+    price_table: Optional[str] = None,
+    budget_usd: Optional[float] = None,
+    model_limits: Optional[Dict[str, Dict[str, float]]] = None,
 ) -> State:
     """Send every request of a JSONL file through one shared rate-limit engine and save the results.
 
@@ -139,6 +153,14 @@ async def parallel_requests(
             runs go at once (one slot per run), for example one per API key.
         learn_limits: with a limit of None, start cautiously and learn it from the server (falling
             back to the Cookbook's 1,500 RPM / 125,000 TPM); False makes None mean no limit.
+        dry_run: read and check the whole input, count tokens, estimate cost and duration, and
+            send nothing.
+        price_table: a JSON file of prices per model that overrides and extends the shipped one.
+        budget_usd: stop dispatching when the next request could take the run's cost above this
+            (each request counted at its most: completions at max_tokens); the run can resume later.
+        model_limits: limits per model, as a mapping or the path of a JSON file:
+            ``{"gpt-4o-mini": {"requests_per_minute": 5000, "tokens_per_minute": 2000000}}``.
+            Each model (and endpoint) has buckets of its own; other models use the limits above.
 
     Returns:
         A Completed state when every row has its result, a Failed state naming the reason
@@ -151,6 +173,10 @@ async def parallel_requests(
     api_key = await _resolve_api_key(api_key_env_var, api_key_secret_block)
     save_filepath = save_filepath or default_save_path(requests_filepath)
     transport_params = await _transport_params(aws_credentials_block)
+    prices = PriceTable.load(price_table)
+    if dry_run:
+        return await _dry_run(logger, requests_filepath, request_url, token_encoding_name, prices, learn_limits,
+                              max_requests_per_minute, max_tokens_per_minute, transport_params)
     try:
         work = _prepare_work(requests_filepath, save_filepath, work_dir, request_url, transport_params)
     except Exception as error:  # storage trouble ends the run with one line naming the URI
@@ -171,17 +197,17 @@ async def parallel_requests(
                 len(shard_specs), save_filepath, f" (resuming from {work.path})" if work.resumed else "")
 
     limits_tokens = (max_tokens_per_minute is not None and not math.isinf(max_tokens_per_minute)) or learn_limits
-    estimator = TokenEstimator.for_name(token_encoding_name) if limits_tokens else None
+    estimator = TokenEstimator.for_name(token_encoding_name) if limits_tokens or budget_usd is not None else None
     settings = RunSettings(request_url=request_url, shape=shape, max_attempts=max_attempts,
                            retry_base_seconds=retry_base_seconds)
-    limiter = RateLimiter(max_requests_per_minute, max_tokens_per_minute, max_in_flight, burst_seconds,
-                          target_utilization, learn_limits=learn_limits)
+    limiter = RateLimiterPool(max_requests_per_minute, max_tokens_per_minute, max_in_flight,
+                              _read_model_limits(model_limits), burst_seconds, target_utilization, learn_limits)
     progress = RunProgress(total_bytes=size)
     connector = aiohttp.TCPConnector(limit=max_in_flight, limit_per_host=max_in_flight)
     run_slot = concurrency(run_concurrency_limit, occupy=1) if run_concurrency_limit else contextlib.nullcontext()
     async with run_slot, aiohttp.ClientSession(connector=connector) as session:
         state = SharedRunState(settings, limiter, ApiClient(session, api_key, request_timeout_seconds),
-                               estimator, progress, transport_params)
+                               estimator, progress, transport_params, prices, budget_usd)
         async with progress_artifact(progress):
             with _collector_tuned_for_sending():
                 outcomes = await asyncio.gather(*(
@@ -198,9 +224,9 @@ async def parallel_requests(
         return _storage_failure(logger, save_filepath, error)
     summary = RunSummary(
         source=requests_filepath, output=save_filepath, totals=StatusTracker.merged(trackers), shards=trackers,
-        max_requests_per_minute=_finite(_lower_limit(max_requests_per_minute, limiter.learned_requests_per_minute)),
-        max_tokens_per_minute=_finite(limiter.token_limit),
-        stop_reason=state.stop_reason, error_examples=report.invalid_line_examples + state.error_examples,
+        max_requests_per_minute=_finite(_lower_limit(max_requests_per_minute, _learned(limiter, "requests"))),
+        max_tokens_per_minute=_finite(_lower_limit(max_tokens_per_minute, _learned(limiter, "tokens"))),
+        stop_reason=state.end_reason, error_examples=report.invalid_line_examples + state.error_examples,
         duration_seconds=time.monotonic() - started,
     )
     await publish_run_artifacts(summary)
@@ -238,6 +264,45 @@ def _collector_tuned_for_sending() -> Iterator[None]:
         gc.unfreeze()
 
 
+async def _dry_run(logger: Any, requests_filepath: str, request_url: str, token_encoding_name: Optional[str],
+                   prices: PriceTable, learn_limits: bool, max_requests_per_minute: Optional[float],
+                   max_tokens_per_minute: Optional[float], transport_params: Optional[Dict[str, Any]]) -> State:
+    """Report what the job would send, cost and take; send nothing."""
+    requests_limit = max_requests_per_minute
+    tokens_limit = max_tokens_per_minute
+    if learn_limits:  # limits still to be learned: estimate at the fallback the engine would use
+        requests_limit = FALLBACK_REQUESTS_PER_MINUTE if requests_limit is None else requests_limit
+        tokens_limit = FALLBACK_TOKENS_PER_MINUTE if tokens_limit is None else tokens_limit
+    try:
+        report = plan_dry_run(requests_filepath, request_url, TokenEstimator.for_name(token_encoding_name), prices,
+                              requests_limit, tokens_limit, transport_params)
+    except Exception as error:
+        return _storage_failure(logger, requests_filepath, error)
+    await publish_dry_run_artifact(report.to_markdown(), requests_filepath)
+    logger.info("Dry run of %s: %d requests, %d prompt tokens, %d invalid lines; nothing was sent",
+                requests_filepath, report.requests, report.prompt_tokens, report.invalid_lines)
+    return Completed(message="dry run: nothing sent", data=report.to_dict())
+
+
+def _read_model_limits(model_limits: Any) -> Dict[str, Dict[str, float]]:
+    """Per-model limits from a mapping, or from the JSON file a string names."""
+    if not model_limits:
+        return {}
+    if isinstance(model_limits, str):
+        try:
+            with open(model_limits, encoding="utf-8") as handle:
+                model_limits = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{model_limits}: cannot read the model limits ({error})") from error
+    return {str(model): dict(limits) for model, limits in dict(model_limits).items()}
+
+
+def _learned(pool: RateLimiterPool, scope: str) -> Optional[float]:
+    """The limit the server said, when every model's lane heard the same one (the usual single-model run)."""
+    values = {getattr(lane.buckets, f"learned_{scope}_per_minute") for lane in pool.lanes.values()}
+    return values.pop() if len(values) == 1 else None
+
+
 def _lower_limit(configured: Optional[float], learned: Optional[float]) -> Optional[float]:
     """The limit in force: the lower of the configured one and the one the server said."""
     known = [limit for limit in (configured, learned) if limit is not None]
@@ -254,6 +319,11 @@ async def _trackers_or_stop(outcomes: List[State], shards: List[ShardSpec], stat
     trackers: List[StatusTracker] = []
     for shard, outcome in zip(shards, outcomes):
         value = await outcome.aresult(raise_on_failure=False)
+        if isinstance(value, StatusTracker) and outcome.name == "Cached":
+            # Finished by an earlier run: all its rows are resumed, none was sent now.
+            trackers.append(StatusTracker(shard=value.shard, lines_read=value.lines_read,
+                                          blank_lines=value.blank_lines, rows=value.rows, resumed_rows=value.rows))
+            continue
         if isinstance(value, StatusTracker):
             trackers.append(value)
             continue

@@ -45,6 +45,7 @@ PROGRESS_KEY = "parallel-requests-progress"
 SHARDS_TABLE_KEY = "parallel-requests-shards"
 SUMMARY_KEY = "parallel-requests-summary"
 OUTPUT_LINK_KEY = "parallel-requests-output"
+DRY_RUN_KEY = "parallel-requests-dry-run"
 # How often the progress artifact is updated while shards run.
 PROGRESS_INTERVAL_SECONDS = 2.0
 
@@ -76,6 +77,8 @@ class StatusTracker:
     tokens_estimated: int = 0
     prompt_tokens_used: int = 0
     completion_tokens_used: int = 0
+    cost_usd: float = 0.0
+    unpriced_requests: int = 0
     first_request_at: Optional[float] = None
     last_response_at: Optional[float] = None
     wall_seconds: float = 0.0
@@ -155,6 +158,7 @@ class StatusTracker:
             "rate_limited_429": self.rate_limited,
             "tokens_estimated": self.tokens_estimated,
             "tokens_used": self.prompt_tokens_used + self.completion_tokens_used,
+            "cost_usd": round(self.cost_usd, 6),
             "requests_per_minute": round(self.requests_per_minute, 1),
             "wall_seconds": round(self.wall_seconds, 3),
         }
@@ -256,6 +260,8 @@ class RunSummary:
             f"{_against(totals.requests_per_minute, self.max_requests_per_minute)} |",
             f"| tokens estimated | {totals.tokens_estimated:,} |",
             f"| tokens used (prompt + completion) | {totals.prompt_tokens_used:,} + {totals.completion_tokens_used:,} |",
+            f"| cost (from usage) | ${totals.cost_usd:,.4f}"
+            f"{f' (+ {totals.unpriced_requests:,} requests of models with no price)' if totals.unpriced_requests else ''} |",
             f"| duration | {self.duration_seconds:,.1f} s |",
         ]
         if totals.retries_by_cause:
@@ -278,6 +284,12 @@ async def publish_run_artifacts(summary: RunSummary) -> None:
                                     description=f"Run summary for {summary.source}")
     await acreate_link_artifact(key=OUTPUT_LINK_KEY, link=_link_to(summary.output), link_text=summary.output,
                                 description="The results, in input order")
+
+
+async def publish_dry_run_artifact(markdown: str, source: str) -> None:
+    """Publish a dry run's report (only inside a flow run)."""
+    if FlowRunContext.get() is not None:
+        await acreate_markdown_artifact(key=DRY_RUN_KEY, markdown=markdown, description=f"Dry run of {source}")
 
 
 @contextlib.asynccontextmanager

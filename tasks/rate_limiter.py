@@ -49,7 +49,7 @@ import collections
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Deque, Optional
+from typing import Any, AsyncIterator, Deque, Dict, Optional, Tuple
 
 # A float tolerance, so that a bucket refilled to 0.9999999999 of a request still serves it.
 _EPSILON = 1e-9
@@ -411,3 +411,95 @@ def _lower(first: Optional[float], second: Optional[float]) -> Optional[float]:
     if second is None:
         return first
     return min(first, second)
+
+
+@dataclass
+class RequestLane:
+    """One request's way through the engine: its model's buckets, then a shared in-flight slot."""
+
+    buckets: RateLimiter
+    in_flight: RateLimiter
+
+    async def acquire(self, tokens: float) -> None:
+        """Wait for the model's buckets, then for a shared in-flight slot (raises RequestNeverFits at once).
+
+        The model's limiter keeps counting the request as in flight too: what its server headers say
+        remains is measured against that.
+        """
+        await self.buckets.acquire(tokens)
+        try:
+            await self.in_flight.acquire(0)
+        except BaseException:
+            self.buckets.release(tokens)
+            raise
+
+    def release(self, tokens: float = 0.0) -> None:
+        """Free the shared slot and the model's in-flight count."""
+        self.in_flight.release()
+        self.buckets.release(tokens)
+
+    def observe(self, limits: Any) -> None:
+        """Follow an answer's headers for this model."""
+        self.buckets.observe(limits)
+
+    def slow_down(self, requests: bool = True, tokens: bool = True) -> None:
+        """Empty this model's buckets after a 429."""
+        self.buckets.slow_down(requests, tokens)
+
+    def refund_tokens(self, tokens: float) -> None:
+        """Give this model's token bucket back what a request did not use."""
+        self.buckets.refund_tokens(tokens)
+
+
+@dataclass
+class RateLimiterPool:
+    """One bucket pair per (model, endpoint), as OpenAI limits each model, and one in-flight cap for all.
+
+    Attributes:
+        max_requests_per_minute: the request limit of models with no limits of their own.
+        max_tokens_per_minute: the token limit of models with no limits of their own.
+        max_in_flight: the in-flight cap shared by every model.
+        model_limits: per model: {"requests_per_minute": ..., "tokens_per_minute": ...}.
+        burst_seconds, target_utilization, learn_limits: as for RateLimiter.
+    """
+
+    max_requests_per_minute: Optional[float]
+    max_tokens_per_minute: Optional[float]
+    max_in_flight: int = 200
+    model_limits: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    burst_seconds: float = 1.0
+    target_utilization: float = 0.98
+    learn_limits: bool = False
+    _lanes: Dict[Tuple[str, str], RequestLane] = field(default_factory=dict, init=False, repr=False)
+    _in_flight: Optional[RateLimiter] = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._in_flight = RateLimiter(None, None, self.max_in_flight)
+        for model, limits in self.model_limits.items():  # reject bad limits at once, naming the model
+            try:
+                RateLimiter(limits.get("requests_per_minute"), limits.get("tokens_per_minute"), self.max_in_flight)
+            except ValueError as error:
+                raise ValueError(f"limits of model {model!r}: {error}") from None
+        RateLimiter(self.max_requests_per_minute, self.max_tokens_per_minute, self.max_in_flight,
+                    self.burst_seconds, self.target_utilization)
+
+    def lane_for(self, model: Optional[str], endpoint: Optional[str]) -> RequestLane:
+        """The lane of a model and endpoint (made on first use)."""
+        key = (model or "", endpoint or "")
+        lane = self._lanes.get(key)
+        if lane is None:
+            own = self.model_limits.get(model or "", {})
+            buckets = RateLimiter(
+                own.get("requests_per_minute", self.max_requests_per_minute),
+                own.get("tokens_per_minute", self.max_tokens_per_minute),
+                max_in_flight=10**9, burst_seconds=self.burst_seconds,
+                target_utilization=self.target_utilization, learn_limits=self.learn_limits,
+            )
+            assert self._in_flight is not None
+            lane = self._lanes[key] = RequestLane(buckets, self._in_flight)
+        return lane
+
+    @property
+    def lanes(self) -> Dict[Tuple[str, str], RequestLane]:
+        """The lanes made so far."""
+        return dict(self._lanes)

@@ -7,9 +7,10 @@ progress counter and the stop signal.
 For each line of its range, the task:
     1. skips blank lines, and records malformed or invalid lines as error records (a warning
        names the shard, line and byte offset; the final message names the file's line number);
-    2. estimates the request's tokens and waits for the shared engine to grant it;
-    3. sends it in its own asyncio task and goes on to the next line, so requests overlap up
-       to the engine's in-flight cap;
+    2. estimates the request's tokens and reserves its most possible cost against the budget;
+    3. starts an asyncio task for it (at most 2,000 unsettled across the run) that waits in
+       its model's lane of the shared engine, so a slow model never holds up a fast one,
+       and sends it. Requests overlap up to the engine's in-flight cap;
     4. handles the answer: success is written; 429 waits for the server's hint and slows the
        shared engine; 400/404/422 fail at once; 5xx, 408/409, resets and timeouts are retried
        with exponential backoff and jitter up to ``max_attempts``; ``insufficient_quota`` and
@@ -34,7 +35,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 # Third-party imports
 from prefect import get_run_logger, task
@@ -44,7 +45,8 @@ from prefect.states import Failed
 # Local application imports
 from tasks.api_client import ApiClient, ApiResult, Outcome, backoff_seconds
 from tasks.metrics import RunProgress, StatusTracker
-from tasks.rate_limiter import RateLimiter, RequestNeverFits
+from tasks.pricing import PriceTable
+from tasks.rate_limiter import RateLimiterPool, RequestLane, RequestNeverFits
 from tasks.request_formats import InvalidLine, ParsedRequest, RequestShape, format_result, parse_line
 from tasks.results_storage import PartWriter, read_part_state
 from tasks.sharding import ShardSpec, iter_shard_lines
@@ -54,6 +56,8 @@ from tasks.token_estimation import TokenEstimator, endpoint_of_url
 MAX_RATE_LIMIT_WAITS = 50
 # How many error examples a run keeps for its summary.
 ERROR_EXAMPLE_LIMIT = 5
+# How many requests may be read ahead of their answers, across all shards (bounds memory).
+PENDING_REQUESTS = 2000
 
 
 @task(
@@ -118,22 +122,61 @@ class RunSettings:
 class SharedRunState:
     """The live objects every shard of a run shares. They all belong to the flow's event loop."""
 
-    def __init__(self, settings: RunSettings, limiter: RateLimiter, client: ApiClient,
+    def __init__(self, settings: RunSettings, limiter: RateLimiterPool, client: ApiClient,
                  estimator: Optional[TokenEstimator], progress: RunProgress,
-                 transport_params: Optional[Dict[str, Any]] = None) -> None:
+                 transport_params: Optional[Dict[str, Any]] = None, prices: Optional[PriceTable] = None,
+                 budget_usd: Optional[float] = None) -> None:
         self.settings = settings
         self.limiter = limiter
         self.client = client
         self.estimator = estimator
         self.progress = progress
         self.transport_params = transport_params
+        self.prices = prices
+        self.budget_usd = budget_usd
+        self.spent_usd = 0.0
+        self.reserved_usd = 0.0
+        # Requests read but not yet settled, across every shard: enough to keep every lane busy.
+        self.pending_window = asyncio.Semaphore(PENDING_REQUESTS)
         self.stop_reason: Optional[str] = None
+        self.dispatch_closed: Optional[str] = None
         self.error_examples: List[str] = []
 
     def stop(self, reason: str) -> None:
-        """Stop dispatching for the whole run (the first reason is kept)."""
+        """Stop dispatching for the whole run, requests already waiting included (the first reason is kept)."""
         if self.stop_reason is None:
             self.stop_reason = reason
+
+    def close_dispatch(self, reason: str) -> None:
+        """Read no new rows (the budget is spoken for); requests already reserved still go."""
+        if self.dispatch_closed is None:
+            self.dispatch_closed = reason
+
+    @property
+    def end_reason(self) -> Optional[str]:
+        """Why the run ended before every row had its result, if it did."""
+        return self.stop_reason or self.dispatch_closed
+
+    def reserve_budget(self, request: ParsedRequest, prompt_tokens: int, completion_tokens: int) -> Optional[float]:
+        """Reserve the most a request may cost; None (and the run stops) when the budget cannot cover it."""
+        if self.budget_usd is None:
+            return 0.0
+        model = request.body.get("model")
+        worst = self.prices.cost(model, prompt_tokens, completion_tokens) if self.prices else None
+        if worst is None:
+            self.close_dispatch(f"no price for model {model!r} to keep the budget of ${self.budget_usd:,.2f}; "
+                                "add it with --price-table")
+            return None
+        if self.spent_usd + self.reserved_usd + worst > self.budget_usd:
+            self.close_dispatch(f"budget of ${self.budget_usd:,.2f} reached")
+            return None
+        self.reserved_usd += worst
+        return worst
+
+    def settle_budget(self, reserved_usd: float, spent_usd: float) -> None:
+        """Replace a request's reservation by what it really cost."""
+        self.reserved_usd -= reserved_usd
+        self.spent_usd += spent_usd
 
     def note_error(self, text: str) -> None:
         """Keep an error text as an example for the summary."""
@@ -166,43 +209,67 @@ class _ShardWorker:
                 self.tracker.resumed_rows += 1
                 self.state.progress.advance(len(raw))
                 continue
-            if self.state.stop_reason is not None:
+            if self.state.end_reason is not None:
                 self.tracker.not_sent += 1
                 continue
             parsed = parse_line(raw, settings.shape, settings.request_url, line_index)
             if isinstance(parsed, InvalidLine):
                 self._record_invalid_line(part, parsed, offset, len(raw))
                 continue
-            tokens = self._estimate(parsed)
-            try:
-                await self.state.limiter.acquire(tokens)
-            except RequestNeverFits as error:
-                self._finish(part, parsed, len(raw), None, None, None, [str(error)], "request_too_large")
-                self.tracker.failed_too_large += 1
-                continue
-            if self.state.stop_reason is not None:
-                self.state.limiter.release(tokens)
+            prompt_tokens, completion_tokens = self._estimate(parsed)
+            tokens = prompt_tokens + completion_tokens
+            reserved_usd = self.state.reserve_budget(parsed, prompt_tokens, completion_tokens)
+            if reserved_usd is None:  # the budget cannot cover this request: stop dispatching
                 self.tracker.not_sent += 1
                 continue
-            part.write_sent(line_index)
-            job = asyncio.create_task(self._send_until_settled(part, parsed, tokens, len(raw)))
+            # Each request waits in its own model's lane, so a slow model never holds up a fast one;
+            # the window bounds how many wait at once (and so the memory they take).
+            await self.state.pending_window.acquire()
+            job = asyncio.create_task(self._dispatch(part, parsed, tokens, len(raw), reserved_usd))
             self._pending.add(job)
             job.add_done_callback(self._pending.discard)
         if self._pending:
             await asyncio.gather(*list(self._pending))
 
-    async def _send_until_settled(self, part: PartWriter, request: ParsedRequest, tokens: int, line_bytes: int) -> None:
-        """Send one request (its first slot already granted) until it succeeds, fails for good, or the run stops."""
+    async def _dispatch(self, part: PartWriter, request: ParsedRequest, tokens: int, line_bytes: int,
+                        reserved_usd: float) -> None:
+        """Wait for the request's lane of the engine, then send it until it is settled."""
         try:
-            await self._attempts(part, request, tokens, line_bytes)
+            lane = self.state.limiter.lane_for(request.body.get("model"), endpoint_of_url(request.url))
+            try:
+                await lane.acquire(tokens)
+            except RequestNeverFits as error:
+                self.state.settle_budget(reserved_usd, 0.0)
+                self._finish(part, request, line_bytes, None, None, None, [str(error)], "request_too_large")
+                self.tracker.failed_too_large += 1
+                return
+            if self.state.stop_reason is not None:
+                self.state.settle_budget(reserved_usd, 0.0)
+                lane.release(tokens)
+                self.tracker.not_sent += 1
+                return
+            part.write_sent(request.line_index)
+            await self._send_until_settled(part, request, lane, tokens, line_bytes, reserved_usd)
+        finally:
+            self.state.pending_window.release()
+
+    async def _send_until_settled(self, part: PartWriter, request: ParsedRequest, lane: RequestLane, tokens: int,
+                                  line_bytes: int, reserved_usd: float) -> None:
+        """Send one request (its first slot already granted) until it succeeds, fails for good, or the run stops."""
+        spent_before = self.tracker.cost_usd
+        try:
+            await self._attempts(part, request, lane, tokens, line_bytes)
         except Exception as error:  # a bug must cost one row, never the shard
             self.logger.exception("%s line +%d: unexpected error", self.shard.label, request.line_index)
             self.tracker.failed_after_retries += 1
             self._finish(part, request, line_bytes, None, None, None, [f"internal error: {error!r}"], "internal_error")
+        finally:
+            self.state.settle_budget(reserved_usd, self.tracker.cost_usd - spent_before)
 
-    async def _attempts(self, part: PartWriter, request: ParsedRequest, tokens: int, line_bytes: int) -> None:
-        """The retry loop of one request."""
-        settings, limiter, tracker = self.state.settings, self.state.limiter, self.tracker
+    async def _attempts(self, part: PartWriter, request: ParsedRequest, lane: RequestLane, tokens: int,
+                        line_bytes: int) -> None:
+        """The retry loop of one request (its model's lane of the engine)."""
+        settings, limiter, tracker = self.state.settings, lane, self.tracker
         errors: List[str] = []
         failed_attempts = 0
         rate_limit_waits = 0
@@ -226,7 +293,7 @@ class _ShardWorker:
             if result.status is not None:
                 limiter.observe(result.limits)  # follow the server's x-ratelimit-* headers
             if result.outcome is Outcome.SUCCESS:
-                used = self._count_usage(result)
+                used = self._count_usage(result, request)
                 if used is not None and tokens > used:
                     limiter.refund_tokens(tokens - used)  # the estimate reserved more than the answer used
                 tracker.succeeded += 1
@@ -271,20 +338,20 @@ class _ShardWorker:
 
     # Helpers
 
-    def _estimate(self, request: ParsedRequest) -> int:
-        """The request's token estimate, or 0 when no estimate is needed."""
+    def _estimate(self, request: ParsedRequest) -> Tuple[int, int]:
+        """The request's prompt and most completion tokens, or (0, 0) when no estimate is needed."""
         estimator = self.state.estimator
         if estimator is None:
-            return 0
+            return 0, 0
         try:
-            tokens = estimator.estimate(request.body, endpoint_of_url(request.url))
+            prompt, completion = estimator.estimate_parts(request.body, endpoint_of_url(request.url))
         except Exception:  # an odd body must not stop the shard: fall back to a size-based guess
-            tokens = len(request.payload) // 4
-        self.tracker.tokens_estimated += tokens
-        return tokens
+            prompt, completion = len(request.payload) // 4, 0
+        self.tracker.tokens_estimated += prompt + completion
+        return prompt, completion
 
-    def _count_usage(self, result: ApiResult) -> Optional[int]:
-        """Add the answer's reported usage to the tracker; return the tokens it used (None: not reported)."""
+    def _count_usage(self, result: ApiResult, request: ParsedRequest) -> Optional[int]:
+        """Add the answer's usage (and its cost) to the tracker; return the tokens it used (None: not reported)."""
         usage = result.body.get("usage") if isinstance(result.body, dict) else None
         if not isinstance(usage, dict):
             return None
@@ -294,6 +361,11 @@ class _ShardWorker:
         completion = completion if isinstance(completion, int) else 0
         self.tracker.prompt_tokens_used += prompt
         self.tracker.completion_tokens_used += completion
+        cost = self.state.prices.cost(request.body.get("model"), prompt, completion) if self.state.prices else None
+        if cost is None:
+            self.tracker.unpriced_requests += 1
+        else:
+            self.tracker.cost_usd += cost
         total = usage.get("total_tokens")
         return total if isinstance(total, int) else prompt + completion
 

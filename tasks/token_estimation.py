@@ -38,7 +38,7 @@ import os
 import tempfile
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 # Third-party imports
 import tiktoken
@@ -113,21 +113,26 @@ class TokenEstimator:
         Returns:
             The prompt's tokens plus the completion tokens the request may use.
         """
+        prompt, completion = self.estimate_parts(body, endpoint)
+        return prompt + completion
+
+    def estimate_parts(self, body: Dict[str, Any], endpoint: Optional[str] = None) -> Tuple[int, int]:
+        """The prompt's tokens, and the most completion tokens the request may use."""
         encoding = self.encoding_for(body.get("model") if isinstance(body.get("model"), str) else None)
         kind = endpoint or endpoint_of_body(body)
         if kind == "embeddings":
-            return count_input_tokens(body.get("input"), encoding)
+            return count_input_tokens(body.get("input"), encoding), 0
         if kind == "completions":
             prompt_tokens = count_input_tokens(body.get("prompt"), encoding)
             prompts = _prompt_count(body.get("prompt"))
             completions = _whole(body.get("max_tokens"), DEFAULT_COMPLETIONS_MAX_TOKENS)
             choices = max(_whole(body.get("n"), 1), _whole(body.get("best_of"), 1))
-            return prompt_tokens + completions * choices * prompts
+            return prompt_tokens, completions * choices * prompts
         prompt_tokens = count_chat_prompt_tokens(body, encoding)
         completions = _whole(
             body.get("max_completion_tokens", body.get("max_tokens")), DEFAULT_CHAT_COMPLETION_TOKENS
         )
-        return prompt_tokens + completions * _whole(body.get("n"), 1)
+        return prompt_tokens, completions * _whole(body.get("n"), 1)
 
 
 def count_chat_prompt_tokens(body: Dict[str, Any], encoding: tiktoken.Encoding) -> int:

@@ -63,6 +63,7 @@ class ServerConfig:
         quota_after: after this many accepted requests, answer 429 insufficient_quota.
         retry_after_seconds: when set, 429 answers carry ``retry-after-ms`` with this wait.
         seed: the seed of the fault and latency draws.
+        model_limits: limits of their own for some models: {model: (requests_per_minute, tokens_per_minute)}.
     """
 
     requests_per_minute: Optional[float] = None
@@ -75,6 +76,7 @@ class ServerConfig:
     quota_after: Optional[int] = None
     retry_after_seconds: Optional[float] = None
     seed: int = 0
+    model_limits: Dict[str, Tuple[Optional[float], Optional[float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,6 +88,8 @@ class ServerStats:
     accepted_arrivals: List[float] = field(default_factory=list)
     bodies: collections.Counter = field(default_factory=collections.Counter)
     max_accepted_in_slice: int = 0
+    max_accepted_in_slice_by_model: Dict[str, int] = field(default_factory=dict)
+    accepted_arrivals_by_model: Dict[str, List[float]] = field(default_factory=dict)
     tokens_charged: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -104,6 +108,8 @@ class ServerStats:
             "first_arrival": self.arrivals[0] if self.arrivals else None,
             "last_arrival": self.arrivals[-1] if self.arrivals else None,
             "max_accepted_in_slice": self.max_accepted_in_slice,
+            "max_accepted_in_slice_by_model": dict(self.max_accepted_in_slice_by_model),
+            "accepted_per_minute_by_model": {model: _per_minute(times) for model, times in self.accepted_arrivals_by_model.items()},
             "bodies_received_more_than_once": sum(1 for count in self.bodies.values() if count > 1),
             "tokens_charged": self.tokens_charged,
             "prompt_tokens": self.prompt_tokens,
@@ -118,9 +124,7 @@ class OpenAITestServer:
         self.config = config
         self.stats = ServerStats()
         self._random = random.Random(config.seed)
-        self._slice_id = -1
-        self._slice_requests = 0
-        self._slice_tokens = 0
+        self._slices: Dict[str, List[float]] = {}  # limit key -> [slice id, requests, tokens]
         self._accepted_total = 0
 
     def build_app(self) -> web.Application:
@@ -161,7 +165,7 @@ class OpenAITestServer:
             return self._error(400, "invalid_request_error", None, problem)
         prompt_tokens, completion_tokens = _usage(endpoint, body, model)
         charged = prompt_tokens + _requested_completion(endpoint, body)
-        limited = self._admit(now, charged)
+        limited = self._admit(now, charged, model)
         if limited is not None:
             return limited
         if self.config.quota_after is not None and self._accepted_total > self.config.quota_after:
@@ -181,57 +185,74 @@ class OpenAITestServer:
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
         return web.json_response(_answer(endpoint, body, model, prompt_tokens, completion_tokens),
-                                 headers=self._limit_headers(now))
+                                 headers=self._limit_headers(now, model))
 
-    def _admit(self, now: float, tokens: int) -> Optional[web.Response]:
-        """Count a request against the current slice, or answer 429 when it does not fit."""
-        config = self.config
-        slice_id = math.floor(now / config.slice_seconds)
-        if slice_id != self._slice_id:
-            self._slice_id, self._slice_requests, self._slice_tokens = slice_id, 0, 0
-        request_allowance, token_allowance = self._allowances()
-        if self._slice_requests + 1 > request_allowance:
-            return self._rate_limited("requests", now)
-        if self._slice_tokens + tokens > token_allowance:
-            return self._rate_limited("tokens", now)
-        self._slice_requests += 1
-        self._slice_tokens += tokens
+    def _limits_of(self, model: str) -> Tuple[str, Optional[float], Optional[float]]:
+        """The key and (RPM, TPM) limits a model's requests count against."""
+        if model in self.config.model_limits:
+            rpm, tpm = self.config.model_limits[model]
+            return model, rpm, tpm
+        return "", self.config.requests_per_minute, self.config.tokens_per_minute
+
+    def _slice(self, key: str, now: float) -> List[float]:
+        """The current slice's counters of a limit key: [slice id, requests, tokens]."""
+        slice_id = math.floor(now / self.config.slice_seconds)
+        current = self._slices.get(key)
+        if current is None or current[0] != slice_id:
+            current = self._slices[key] = [slice_id, 0, 0]
+        return current
+
+    def _admit(self, now: float, tokens: int, model: str) -> Optional[web.Response]:
+        """Count a request against its limits' current slice, or answer 429 when it does not fit."""
+        key, rpm, tpm = self._limits_of(model)
+        current = self._slice(key, now)
+        request_allowance, token_allowance = self._allowances(rpm, tpm)
+        if current[1] + 1 > request_allowance:
+            return self._rate_limited("requests", now, model)
+        if current[2] + tokens > token_allowance:
+            return self._rate_limited("tokens", now, model)
+        current[1] += 1
+        current[2] += tokens
         self._accepted_total += 1
         self.stats.tokens_charged += tokens
         self.stats.accepted_arrivals.append(now)
-        self.stats.max_accepted_in_slice = max(self.stats.max_accepted_in_slice, self._slice_requests)
+        self.stats.accepted_arrivals_by_model.setdefault(model, []).append(now)
+        self.stats.max_accepted_in_slice = max(self.stats.max_accepted_in_slice, int(current[1]))
+        by_model = self.stats.max_accepted_in_slice_by_model
+        by_model[model] = max(by_model.get(model, 0), int(current[1]))
         return None
 
-    def _allowances(self) -> Tuple[float, float]:
+    def _allowances(self, rpm: Optional[float], tpm: Optional[float]) -> Tuple[float, float]:
         """How many requests and tokens one slice allows."""
         share = self.config.slice_seconds / 60.0
-        requests = self.config.requests_per_minute * share if self.config.requests_per_minute else math.inf
-        tokens = self.config.tokens_per_minute * share if self.config.tokens_per_minute else math.inf
-        return requests, tokens
+        return (rpm * share if rpm else math.inf), (tpm * share if tpm else math.inf)
 
-    def _rate_limited(self, scope: str, now: float) -> web.Response:
+    def _rate_limited(self, scope: str, now: float, model: str) -> web.Response:
         """A 429 in OpenAI's words, naming the limit that was hit."""
-        limit = self.config.requests_per_minute if scope == "requests" else self.config.tokens_per_minute
+        _, rpm, tpm = self._limits_of(model)
+        limit = rpm if scope == "requests" else tpm
         unit = "requests per min (RPM)" if scope == "requests" else "tokens per min (TPM)"
-        message = f"Rate limit reached for default-model in organization org-test on {unit}: Limit {limit:.0f}."
-        headers = self._limit_headers(now)
+        message = f"Rate limit reached for {model} in organization org-test on {unit}: Limit {limit:.0f}."
+        headers = self._limit_headers(now, model)
         if self.config.retry_after_seconds is not None:
             headers["retry-after-ms"] = str(int(self.config.retry_after_seconds * 1000))
         return self._error(429, scope, "rate_limit_exceeded", message, headers)
 
-    def _limit_headers(self, now: float) -> Dict[str, str]:
-        """OpenAI's x-ratelimit-* headers for the current slice."""
+    def _limit_headers(self, now: float, model: str) -> Dict[str, str]:
+        """OpenAI's x-ratelimit-* headers for the model's limits in the current slice."""
         headers: Dict[str, str] = {"x-request-id": f"req_{self._random.getrandbits(64):016x}"}
-        reset = f"{max(0, int(((self._slice_id + 1) * self.config.slice_seconds - now) * 1000))}ms"
-        request_allowance, token_allowance = self._allowances()
+        key, rpm, tpm = self._limits_of(model)
+        current = self._slice(key, now)
+        reset = f"{max(0, int(((current[0] + 1) * self.config.slice_seconds - now) * 1000))}ms"
+        request_allowance, token_allowance = self._allowances(rpm, tpm)
         scale = 60.0 / self.config.slice_seconds
-        if self.config.requests_per_minute:
-            headers["x-ratelimit-limit-requests"] = str(int(self.config.requests_per_minute))
-            headers["x-ratelimit-remaining-requests"] = str(int(max(0, request_allowance - self._slice_requests) * scale))
+        if rpm:
+            headers["x-ratelimit-limit-requests"] = str(int(rpm))
+            headers["x-ratelimit-remaining-requests"] = str(int(max(0, request_allowance - current[1]) * scale))
             headers["x-ratelimit-reset-requests"] = reset
-        if self.config.tokens_per_minute:
-            headers["x-ratelimit-limit-tokens"] = str(int(self.config.tokens_per_minute))
-            headers["x-ratelimit-remaining-tokens"] = str(int(max(0, token_allowance - self._slice_tokens) * scale))
+        if tpm:
+            headers["x-ratelimit-limit-tokens"] = str(int(tpm))
+            headers["x-ratelimit-remaining-tokens"] = str(int(max(0, token_allowance - current[2]) * scale))
             headers["x-ratelimit-reset-tokens"] = reset
         return headers
 
@@ -402,6 +423,12 @@ async def serve_forever(args: argparse.Namespace) -> None:
 async def _call(function: Any) -> Any:
     """Run a plain function on the server's loop."""
     return function()
+
+
+def _per_minute(times: List[float]) -> float:
+    """The rate of a list of arrival times, per minute."""
+    span = times[-1] - times[0] if len(times) > 1 else 0.0
+    return (len(times) - 1) * 60.0 / span if span > 0 else 0.0
 
 
 def _endpoint_of_path(path: str) -> str:

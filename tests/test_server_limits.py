@@ -3,6 +3,9 @@
 # Standard library imports
 from typing import Any
 
+# Third-party imports
+import pytest
+
 # Local application imports
 from flows.parallel_requests import parallel_requests
 from tests.conftest import read_jsonl, write_jsonl
@@ -40,3 +43,78 @@ async def test_no_limits_given_are_learned_from_the_server(prefect_api_url, api_
     assert stats["rate_limited"] <= 0.02 * stats["requests"], stats
     assert stats["accepted_per_minute"] >= 0.85 * 6000, stats
     assert summary["max_requests_per_minute"] == 6000 and summary["max_tokens_per_minute"] == 5_000_000
+
+
+async def test_each_model_keeps_to_its_own_limit(prefect_api_url, api_server, tmp_path) -> None:
+    server = api_server(model_limits={"gpt-4o-mini": (3000, None), "gpt-4.1-nano": (1200, None)}, latency_seconds=0.01)
+    rows = [{"model": "gpt-4o-mini" if i % 2 else "gpt-4.1-nano", "messages": [{"role": "user", "content": f"r{i}"}],
+             "max_tokens": 5} for i in range(500)]
+    source = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    state, _ = await _run(requests_filepath=source, request_url=f"{server.url}/v1/chat/completions",
+                          model_limits={"gpt-4.1-nano": {"requests_per_minute": 1200}})
+    assert state.is_completed(), state.message
+    stats = server.stats()
+    assert stats["max_accepted_in_slice_by_model"]["gpt-4o-mini"] <= 50  # 3,000 RPM in 1 s slices
+    assert stats["max_accepted_in_slice_by_model"]["gpt-4.1-nano"] <= 20  # 1,200 RPM
+    assert stats["accepted_per_minute_by_model"]["gpt-4.1-nano"] <= 1200
+    assert stats["accepted_per_minute_by_model"]["gpt-4o-mini"] <= 3000
+    assert stats["accepted_per_minute_by_model"]["gpt-4o-mini"] >= 2 * stats["accepted_per_minute_by_model"]["gpt-4.1-nano"]
+    assert stats["rate_limited"] <= 0.02 * stats["requests"], stats
+    assert len(read_jsonl(tmp_path / "mixed_results.jsonl")) == 500
+
+
+async def test_dry_run_counts_like_the_server_and_sends_nothing(prefect_api_url, api_server, tmp_path) -> None:
+    server = api_server()
+    rows: list = []
+    for i in range(200):
+        if i % 2:
+            rows.append({"model": "gpt-4o-mini", "max_tokens": 10, "messages": [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": f"Question {i}: how many legs does a spider have? Ünïcödé ✓"}]})
+        else:
+            rows.append({"model": "text-embedding-3-small", "input": [f"embedding text {i}", "another piece of text"]})
+    rows.insert(50, '{"model": "gpt-4o-mini", "messages": [')
+    chat_rows = [row for row in rows if isinstance(row, dict) and "messages" in row]
+    embedding_rows = [row for row in rows if isinstance(row, dict) and "input" in row]
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows)
+    embeddings = write_jsonl(tmp_path / "emb.jsonl", embedding_rows)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", rows)
+
+    state, report = await _run(requests_filepath=mixed, request_url=f"{server.url}/v1/chat/completions", dry_run=True,
+                               max_requests_per_minute=600)
+    assert state.is_completed() and report["dry_run"] is True
+    assert server.stats()["requests"] == 0  # nothing was sent
+    assert report["invalid_lines"] == 1 and report["invalid_examples"][0].startswith("mixed.jsonl line 51:")
+    assert report["requests"] == 200 and report["estimated_minutes"] >= 200 / 600
+    assert report["estimated_cost_usd"] > 0 and report["unpriced_models"] == []
+
+    for source, url in ((chat, f"{server.url}/v1/chat/completions"), (embeddings, f"{server.url}/v1/embeddings")):
+        _, planned = await _run(requests_filepath=source, request_url=url, dry_run=True)
+        server.reset()
+        state, summary = await _run(requests_filepath=source, request_url=url, max_requests_per_minute=float("inf"),
+                                    max_tokens_per_minute=float("inf"))
+        assert state.is_completed()
+        used = server.stats()["prompt_tokens"]
+        assert abs(planned["prompt_tokens"] - used) <= 0.05 * used, (planned["prompt_tokens"], used)
+        assert summary["totals"]["prompt_tokens_used"] == used
+
+
+async def test_budget_stops_dispatching_and_cost_comes_from_usage(prefect_api_url, api_server, tmp_path) -> None:
+    server = api_server()
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"test-model": {"input": 1000, "output": 1000}}')  # $0.001 a token: easy sums
+    rows = [{"model": "test-model", "input": f"word{i}"} for i in range(100)]
+    source = write_jsonl(tmp_path / "b.jsonl", rows)
+    url = f"{server.url}/v1/embeddings"
+    state, summary = await _run(requests_filepath=source, request_url=url, price_table=str(prices), budget_usd=0.05,
+                                max_requests_per_minute=float("inf"), max_tokens_per_minute=float("inf"),
+                                max_in_flight=4)
+    assert state.is_failed() and "budget" in state.message
+    totals = summary["totals"]
+    assert 0 < totals["cost_usd"] <= 0.05
+    assert totals["cost_usd"] == pytest.approx(totals["prompt_tokens_used"] / 1000)
+    assert totals["not_sent"] > 0 and totals["rows_done"] + totals["not_sent"] == 100
+    state, summary = await _run(requests_filepath=source, request_url=url, price_table=str(prices), budget_usd=10,
+                                max_requests_per_minute=float("inf"), max_tokens_per_minute=float("inf"))
+    assert state.is_completed()  # a larger budget resumes the same job
+    assert len(read_jsonl(tmp_path / "b_results.jsonl")) == 100
