@@ -260,6 +260,21 @@ class RateLimiter:
             self._dispatch()
             raise
 
+    def try_acquire(self, tokens: float) -> bool:
+        """Take capacity for one request now if nobody waits and the buckets allow it; never waits.
+
+        Raises:
+            RequestNeverFits: when ``tokens`` is above the token limit in force.
+        """
+        self._bind_loop()
+        token_limit = self.token_limit
+        if token_limit is not None and tokens > token_limit:
+            raise RequestNeverFits(
+                f"the request is estimated at {int(tokens):,} tokens, more than "
+                f"the limit of {int(token_limit):,} tokens per minute: it can never be sent"
+            )
+        return not self._waiters and self._try_grant(tokens)
+
     def release(self, tokens: float = 0.0) -> None:
         """Free one in-flight slot (that reserved ``tokens``) and wake whoever waits for it."""
         self.in_flight -= 1

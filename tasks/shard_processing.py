@@ -8,9 +8,10 @@ For each line of its range, the task:
     1. skips blank lines, and records malformed or invalid lines as error records (a warning
        names the shard, line and byte offset; the final message names the file's line number);
     2. estimates the request's tokens and reserves its most possible cost against the budget;
-    3. starts an asyncio task for it (at most 2,000 unsettled across the run) that waits in
-       its model's lane of the shared engine, so a slow model never holds up a fast one,
-       and sends it. Requests overlap up to the engine's in-flight cap;
+    3. takes its model's bucket capacity at once when it can and waits for a shared in-flight slot;
+       otherwise starts a task for it (at most 2,000 waiting across the run) that waits in its
+       model's lane, so a slow model never holds up a fast one. Each granted request is sent in
+       its own asyncio task, so requests overlap up to the engine's in-flight cap;
     4. handles the answer: success is written; 429 waits for the server's hint and slows the
        shared engine; 400/404/422 fail at once; 5xx, 408/409, resets and timeouts are retried
        with exponential backoff and jitter up to ``max_attempts``; ``insufficient_quota`` and
@@ -222,36 +223,53 @@ class _ShardWorker:
             if reserved_usd is None:  # the budget cannot cover this request: stop dispatching
                 self.tracker.not_sent += 1
                 continue
-            # Each request waits in its own model's lane, so a slow model never holds up a fast one;
-            # the window bounds how many wait at once (and so the memory they take).
-            await self.state.pending_window.acquire()
-            job = asyncio.create_task(self._dispatch(part, parsed, tokens, len(raw), reserved_usd))
+            lane = self.state.limiter.lane_for(parsed.body.get("model"), endpoint_of_url(parsed.url))
+            try:
+                ready = lane.buckets.try_acquire(tokens)
+            except RequestNeverFits as error:
+                self.state.settle_budget(reserved_usd, 0.0)
+                self._finish(part, parsed, len(raw), None, None, None, [str(error)], "request_too_large")
+                self.tracker.failed_too_large += 1
+                continue
+            if ready:
+                # Its model's buckets serve it now: wait here for a shared in-flight slot, then send.
+                await lane.in_flight.acquire(0)
+                job = asyncio.create_task(self._send_granted(part, parsed, lane, tokens, len(raw), reserved_usd))
+            else:
+                # It waits in its own model's lane, so a slow model never holds up a fast one;
+                # the window bounds how many wait at once (and so the memory they take).
+                await self.state.pending_window.acquire()
+                job = asyncio.create_task(self._dispatch(part, parsed, lane, tokens, len(raw), reserved_usd))
             self._pending.add(job)
             job.add_done_callback(self._pending.discard)
         if self._pending:
             await asyncio.gather(*list(self._pending))
 
-    async def _dispatch(self, part: PartWriter, request: ParsedRequest, tokens: int, line_bytes: int,
-                        reserved_usd: float) -> None:
-        """Wait for the request's lane of the engine, then send it until it is settled."""
+    async def _dispatch(self, part: PartWriter, request: ParsedRequest, lane: RequestLane, tokens: int,
+                        line_bytes: int, reserved_usd: float) -> None:
+        """Wait in the request's lane of the engine, then send it until it is settled."""
         try:
-            lane = self.state.limiter.lane_for(request.body.get("model"), endpoint_of_url(request.url))
             try:
                 await lane.acquire(tokens)
-            except RequestNeverFits as error:
+            except RequestNeverFits as error:  # the limit learned meanwhile is below this request
                 self.state.settle_budget(reserved_usd, 0.0)
                 self._finish(part, request, line_bytes, None, None, None, [str(error)], "request_too_large")
                 self.tracker.failed_too_large += 1
                 return
-            if self.state.stop_reason is not None:
-                self.state.settle_budget(reserved_usd, 0.0)
-                lane.release(tokens)
-                self.tracker.not_sent += 1
-                return
-            part.write_sent(request.line_index)
-            await self._send_until_settled(part, request, lane, tokens, line_bytes, reserved_usd)
+            await self._send_granted(part, request, lane, tokens, line_bytes, reserved_usd)
         finally:
             self.state.pending_window.release()
+
+    async def _send_granted(self, part: PartWriter, request: ParsedRequest, lane: RequestLane, tokens: int,
+                            line_bytes: int, reserved_usd: float) -> None:
+        """Send a request whose capacity is granted, unless the run has stopped meanwhile."""
+        if self.state.stop_reason is not None:
+            self.state.settle_budget(reserved_usd, 0.0)
+            lane.release(tokens)
+            self.tracker.not_sent += 1
+            return
+        part.write_sent(request.line_index)
+        await self._send_until_settled(part, request, lane, tokens, line_bytes, reserved_usd)
 
     async def _send_until_settled(self, part: PartWriter, request: ParsedRequest, lane: RequestLane, tokens: int,
                                   line_bytes: int, reserved_usd: float) -> None:

@@ -135,3 +135,17 @@ def test_wrong_key_stops_with_exit_1_and_never_prints_the_key(prefect_api_url, a
     assert result.stderr.strip().splitlines()[-1].startswith("parallel-requests: stopped early: HTTP 401 invalid_api_key")
     assert KEY not in result.stdout + result.stderr
     assert server.stats()["requests"] <= 3
+
+
+def test_dry_run_prints_counts_and_sends_nothing(prefect_api_url, api_server, tmp_path) -> None:
+    server = api_server()
+    rows = [{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 5}
+            for i in range(30)] + ["not json"]
+    source = write_jsonl(tmp_path / "d.jsonl", rows)
+    result = subprocess.run([CLI, "--requests_filepath", source, "--request_url", f"{server.url}/v1/chat/completions",
+                             "--max_requests_per_minute", "60", "--dry-run"], cwd=ROOT,
+                            env=_env(PREFECT_API_URL=prefect_api_url), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "nothing was sent" in result.stdout and "30 valid requests, 1 invalid lines" in result.stdout
+    assert "d.jsonl line 31:" in result.stdout and "estimated duration 0.5 min" in result.stdout
+    assert server.stats()["requests"] == 0 and not (tmp_path / "d_results.jsonl").exists()
