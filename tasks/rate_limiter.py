@@ -239,14 +239,7 @@ class RateLimiter:
         Raises:
             RequestNeverFits: when ``tokens`` is above the per-minute token limit.
         """
-        self._bind_loop()
-        token_limit = self.token_limit
-        if token_limit is not None and tokens > token_limit:
-            raise RequestNeverFits(
-                f"the request is estimated at {int(tokens):,} tokens, more than "
-                f"the limit of {int(token_limit):,} tokens per minute: it can never be sent"
-            )
-        if not self._waiters and self._try_grant(tokens):
+        if self.try_acquire(tokens):
             return
         future: asyncio.Future[None] = self._loop.create_future()  # type: ignore[union-attr]
         self._waiters.append(_Waiter(tokens=tokens, future=future))
