@@ -14,6 +14,7 @@ Nothing leaves the machine: the test server answers every request.
 
 # Standard library imports
 import os
+import shutil
 import sys
 
 # Local application imports
@@ -27,6 +28,10 @@ RESULTS = os.path.join(HERE, "output", "example_requests_results.jsonl")
 
 def run_demo() -> int:
     """Start the test server, run the flow on the example file, and say where everything is."""
+    # A demo always shows a whole run: forget the previous demo's results (a real rerun would resume).
+    shutil.rmtree(f"{RESULTS}.work", ignore_errors=True)
+    if os.path.exists(RESULTS):
+        os.remove(RESULTS)
     server = start_server_thread(ServerConfig(requests_per_minute=3000, tokens_per_minute=1_000_000, fault_rate=0.02,
                                               latency_seconds=0.05, latency_jitter_seconds=0.1, seed=1))
     print(f"Test API server listening on {server.url} (3,000 RPM in 1 s slices, 2% faults)", flush=True)
