@@ -170,13 +170,10 @@ class RunProgress:
 
     total_bytes: int
     done_bytes: int = 0
-    rows_done: int = 0
 
-    def advance(self, line_bytes: int, row: bool = True) -> None:
-        """A line ``line_bytes`` long is finished (a row, or a blank line when ``row`` is False)."""
+    def advance(self, line_bytes: int) -> None:
+        """A line ``line_bytes`` long is finished (a row with its result, or a blank line)."""
         self.done_bytes += line_bytes
-        if row:
-            self.rows_done += 1
 
     @property
     def percent(self) -> float:

@@ -324,11 +324,6 @@ class RateLimiter:
             if self._waiters:
                 self._dispatch()
 
-    @property
-    def waiting(self) -> int:
-        """How many callers wait in line."""
-        return sum(1 for waiter in self._waiters if not waiter.future.done())
-
     # Helpers
 
     def _bind_loop(self) -> None:

@@ -203,7 +203,7 @@ class _ShardWorker:
             self.tracker.lines_read += 1
             if not raw.strip():
                 self.tracker.blank_lines += 1
-                self.state.progress.advance(len(raw), row=False)
+                self.state.progress.advance(len(raw))
                 continue
             self.tracker.rows += 1
             if line_index in self.done:
