@@ -1,7 +1,7 @@
 # prefect-parallel-requests: install, demo, tests and benchmark.
 #   make demo    create .venv, start the local test API, run the flow on the example file
 #   make test    create .venv and run the whole test suite
-#   make bench   the benchmark (see README, "Benchmark")
+#   make bench   the benchmarks (see README, "Benchmark"); the second needs Redis on 127.0.0.1:6379
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -27,6 +27,7 @@ test: install
 
 bench: install
 	PYTHONPATH=. $(BIN)/python bench/benchmark.py
+	PYTHONPATH=. $(BIN)/python bench/redis_limiter.py
 
 clean:
 	rm -rf $(VENV) examples/output .pytest_cache

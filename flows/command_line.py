@@ -84,6 +84,10 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         price_table=args.price_table,
         budget_usd=args.budget_usd,
         model_limits=args.model_limits,
+        limiter=args.limiter,
+        limiter_name=args.limiter_name,
+        shard_deployment=args.shard_deployment,
+        dask_cluster=args.dask_cluster,
     )
     with embedded_api.settings() if embedded_api else contextlib.nullcontext():
         final_state = asyncio.run(flow_function(**parameters, return_state=True))
@@ -145,9 +149,24 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
              '"tokens_per_minute": 2000000}} (other models use the flags above)')
     add("budget_usd", type=float, default=None,
         help="stop dispatching before the run's cost could exceed this many US dollars (resumable)")
-    add("retry_base_seconds", type=float, default=0.5,
+    add("retry_base_seconds", type=float, default=0.25,
         help="backoff before the first retry; doubles with each retry, with jitter (default: %(default)s)")
+    add("limiter", default=None,
+        help="a Redis URL (redis://host:port/db) that holds the limits, shared by every process and machine "
+             "on the same API host, key and model (default: limits kept in this process)")
+    add("limiter_name", default=None,
+        help="name of the shared limits in Redis (default: the API host and a fingerprint of the key)")
+    add("shard_deployment", default=None,
+        help="run each shard as a child flow run of this deployment on its work pool, for example "
+             "parallel-requests-shards/workers (needs --limiter and a --work-dir every worker reaches)")
+    add("dask_cluster", default=None,
+        help="run each shard as a task on a Dask cluster (prefect-dask): 'local', 'local:N' worker processes, "
+             "or a scheduler address such as tcp://10.0.0.5:8786 (needs --limiter)")
     args = parser.parse_args(argv)
+    if (args.shard_deployment or args.dask_cluster) and not args.limiter:
+        parser.error("--shard-deployment and --dask-cluster need --limiter: the processes must share one rate limit")
+    if args.limiter and not args.limiter.startswith(("redis://", "rediss://", "unix://")):
+        parser.error(f"--limiter must be a redis:// URL, got {args.limiter.split('@')[-1]!r}")
     if args.api_key is None:
         args.api_key = os.environ.get("OPENAI_API_KEY")
     return args

@@ -52,14 +52,13 @@ import time
 from typing import Any, Dict, Iterator, List, Optional
 
 # Third-party imports
-import aiohttp
 from prefect import flow, get_run_logger
 from prefect.concurrency.asyncio import concurrency
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed, State
-from prefect.utilities.annotations import quote
 
 # Local application imports
+from flows.parallel_requests_shards import run_shards_as_child_runs, run_shards_on_dask
 from flows.command_line import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_IN_FLIGHT,
@@ -67,7 +66,6 @@ from flows.command_line import (
     main,
     validate_settings,
 )
-from tasks.api_client import ApiClient
 from tasks.metrics import (
     RunProgress,
     RunSummary,
@@ -78,10 +76,20 @@ from tasks.metrics import (
 )
 from tasks.dry_run import plan_dry_run
 from tasks.pricing import PriceTable
-from tasks.rate_limiter import FALLBACK_REQUESTS_PER_MINUTE, FALLBACK_TOKENS_PER_MINUTE, RateLimiterPool
+from tasks.rate_limiter import FALLBACK_REQUESTS_PER_MINUTE, FALLBACK_TOKENS_PER_MINUTE
+from tasks.redis_rate_limiter import LimiterUnavailable, RedisRateLimiterPool, describe_redis_url
 from tasks.request_formats import DEFAULT_REQUEST_URL, detect_shape
 from tasks.results_storage import PartInfo, assemble_output
-from tasks.shard_processing import RunSettings, SharedRunState, process_shard
+from tasks.shard_runner import (
+    EnginePool,
+    EngineSettings,
+    ShardJob,
+    ShardOutcome,
+    resolve_api_key,
+    run_shards_here,
+    trackers_of,
+    transport_params_for,
+)
 from tasks.sharding import ShardSpec, plan_shards, read_head
 from tasks.storage import (
     abort_stale_uploads,
@@ -114,7 +122,7 @@ async def parallel_requests(
     burst_seconds: float = 1.0,
     target_utilization: float = 0.98,
     request_timeout_seconds: float = 300.0,
-    retry_base_seconds: float = 0.5,
+    retry_base_seconds: float = 0.25,
     api_key_env_var: Optional[str] = "OPENAI_API_KEY",
     api_key_secret_block: Optional[str] = None,
     work_dir: Optional[str] = None,
@@ -125,6 +133,10 @@ async def parallel_requests(
     price_table: Optional[str] = None,
     budget_usd: Optional[float] = None,
     model_limits: Optional[Dict[str, Dict[str, float]]] = None,
+    limiter: Optional[str] = None,
+    limiter_name: Optional[str] = None,
+    shard_deployment: Optional[str] = None,
+    dask_cluster: Optional[str] = None,
 ) -> State:
     """Send every request of a JSONL file through one shared rate-limit engine and save the results.
 
@@ -161,6 +173,17 @@ async def parallel_requests(
         model_limits: limits per model, as a mapping or the path of a JSON file:
             ``{"gpt-4o-mini": {"requests_per_minute": 5000, "tokens_per_minute": 2000000}}``.
             Each model (and endpoint) has buckets of its own; other models use the limits above.
+        limiter: a Redis URL (``redis://host:port/db``) that holds the limits, shared by every
+            process and machine using the same API host, key and model; None keeps the engine in
+            this process. A password, if any, comes from ``PARALLEL_REQUESTS_REDIS_PASSWORD``.
+        limiter_name: the shared limits' name; None derives it from the API host and a
+            fingerprint of the key.
+        shard_deployment: run each shard as a child flow run of this deployment (for example
+            ``parallel-requests-shards/workers``) on its work pool's workers, instead of in this
+            process. Needs ``limiter``, and a work location every worker can reach (``work_dir``).
+        dask_cluster: run each shard as a task on a Dask cluster with prefect-dask's DaskTaskRunner:
+            ``local`` (worker processes on this machine), ``local:N``, or a scheduler address such as
+            ``tcp://10.0.0.5:8786``. Needs ``limiter`` (and ``work_dir`` reachable by every worker).
 
     Returns:
         A Completed state when every row has its result, a Failed state naming the reason
@@ -170,9 +193,11 @@ async def parallel_requests(
     started = time.monotonic()
     validate_settings(max_requests_per_minute, max_tokens_per_minute, max_attempts, max_in_flight, shards,
                       burst_seconds, target_utilization)
-    api_key = await _resolve_api_key(api_key_env_var, api_key_secret_block)
+    if (shard_deployment or dask_cluster) and not limiter:
+        raise ValueError("shard_deployment and dask_cluster need limiter: the processes must share one rate limit")
+    api_key = await resolve_api_key(api_key_env_var, api_key_secret_block)
     save_filepath = save_filepath or default_save_path(requests_filepath)
-    transport_params = await _transport_params(aws_credentials_block)
+    transport_params = await transport_params_for(aws_credentials_block)
     prices = PriceTable.load(price_table)
     if dry_run:
         return await _dry_run(logger, requests_filepath, request_url, token_encoding_name, prices, learn_limits,
@@ -196,27 +221,46 @@ async def parallel_requests(
     logger.info("Read %s: %d bytes, %s shape, %d shard(s); results go to %s%s", requests_filepath, size, shape.value,
                 len(shard_specs), save_filepath, f" (resuming from {work.path})" if work.resumed else "")
 
-    limits_tokens = (max_tokens_per_minute is not None and not math.isinf(max_tokens_per_minute)) or learn_limits
-    estimator = TokenEstimator.for_name(token_encoding_name) if limits_tokens or budget_usd is not None else None
-    settings = RunSettings(request_url=request_url, shape=shape, max_attempts=max_attempts,
-                           retry_base_seconds=retry_base_seconds)
-    limiter = RateLimiterPool(max_requests_per_minute, max_tokens_per_minute, max_in_flight,
-                              _read_model_limits(model_limits), burst_seconds, target_utilization, learn_limits)
+    job = ShardJob(
+        request_url=request_url, shape=shape.value, max_attempts=max_attempts, retry_base_seconds=retry_base_seconds,
+        request_timeout_seconds=request_timeout_seconds, token_encoding_name=token_encoding_name,
+        api_key_env_var=api_key_env_var, api_key_secret_block=api_key_secret_block,
+        aws_credentials_block=aws_credentials_block, price_table=price_table, budget_usd=budget_usd,
+        engine=EngineSettings(max_requests_per_minute, max_tokens_per_minute, max_in_flight,
+                              _read_model_limits(model_limits), burst_seconds, target_utilization, learn_limits,
+                              limiter, limiter_name),
+    )
+    engine = job.engine.build(request_url, api_key)
+    part_paths = [work.part_path(shard.index, shard.count) for shard in shard_specs]
     progress = RunProgress(total_bytes=size)
-    connector = aiohttp.TCPConnector(limit=max_in_flight, limit_per_host=max_in_flight)
     run_slot = concurrency(run_concurrency_limit, occupy=1) if run_concurrency_limit else contextlib.nullcontext()
-    async with run_slot, aiohttp.ClientSession(connector=connector) as session:
-        state = SharedRunState(settings, limiter, ApiClient(session, api_key, request_timeout_seconds),
-                               estimator, progress, transport_params, prices, budget_usd)
-        async with progress_artifact(progress):
-            with _collector_tuned_for_sending():
-                outcomes = await asyncio.gather(*(
-                    process_shard(shard, work.part_path(shard.index, shard.count), work.work_id, quote(state),
-                                  return_state=True)
-                    for shard in shard_specs
-                ))
+    async with run_slot, progress_artifact(progress):
+        try:
+            if shard_deployment or dask_cluster:
+                try:  # the shards build their own engines on the shared limiter; check it is there first
+                    await engine.check()
+                finally:
+                    await engine.aclose()
+            if shard_deployment:
+                outcome = await run_shards_as_child_runs(shard_deployment, job, shard_specs, part_paths,
+                                                         work.work_id, progress)
+            elif dask_cluster:
+                outcome = await run_shards_on_dask(dask_cluster, job, shard_specs, part_paths, work.work_id, progress)
+            else:
+                with _collector_tuned_for_sending():
+                    states, state = await run_shards_here(job, shard_specs, part_paths, work.work_id, progress,
+                                                          api_key, transport_params, engine)
+                outcome = ShardOutcome(await trackers_of(states, shard_specs, state), state.end_reason,
+                                       state.error_examples)
+        except LimiterUnavailable as error:
+            logger.error("%s", error)
+            return Failed(message=str(error))
+    trackers = outcome.trackers
+    if isinstance(engine, RedisRateLimiterPool) and engine.granted:
+        logger.info("Shared limiter %s (%s): %d script calls for %d grants, %.3f round trips per request",
+                    describe_redis_url(engine.url), engine.identity, engine.calls, engine.granted,
+                    engine.round_trips_per_request)
 
-    trackers = await _trackers_or_stop(outcomes, shard_specs, state)
     parts = _part_infos(work, shard_specs, trackers)
     try:
         report = assemble_output(save_filepath, parts, shape, os.path.basename(requests_filepath), transport_params)
@@ -224,9 +268,9 @@ async def parallel_requests(
         return _storage_failure(logger, save_filepath, error)
     summary = RunSummary(
         source=requests_filepath, output=save_filepath, totals=StatusTracker.merged(trackers), shards=trackers,
-        max_requests_per_minute=_finite(_lower_limit(max_requests_per_minute, _learned(limiter, "requests"))),
-        max_tokens_per_minute=_finite(_lower_limit(max_tokens_per_minute, _learned(limiter, "tokens"))),
-        stop_reason=state.end_reason, error_examples=report.invalid_line_examples + state.error_examples,
+        max_requests_per_minute=_finite(_lower_limit(max_requests_per_minute, _learned(engine, "requests"))),
+        max_tokens_per_minute=_finite(_lower_limit(max_tokens_per_minute, _learned(engine, "tokens"))),
+        stop_reason=outcome.stop_reason, error_examples=report.invalid_line_examples + outcome.error_examples,
         duration_seconds=time.monotonic() - started,
     )
     await publish_run_artifacts(summary)
@@ -297,9 +341,9 @@ def _read_model_limits(model_limits: Any) -> Dict[str, Dict[str, float]]:
     return {str(model): dict(limits) for model, limits in dict(model_limits).items()}
 
 
-def _learned(pool: RateLimiterPool, scope: str) -> Optional[float]:
+def _learned(pool: EnginePool, scope: str) -> Optional[float]:
     """The limit the server said, when every model's lane heard the same one (the usual single-model run)."""
-    values = {getattr(lane.buckets, f"learned_{scope}_per_minute") for lane in pool.lanes.values()}
+    values = {lane.learned_limit(scope) for lane in pool.lanes.values()}
     return values.pop() if len(values) == 1 else None
 
 
@@ -312,24 +356,6 @@ def _lower_limit(configured: Optional[float], learned: Optional[float]) -> Optio
 def _finite(limit: Optional[float]) -> Optional[float]:
     """A limit for reports: None for no limit."""
     return None if limit is None or math.isinf(limit) else limit
-
-
-async def _trackers_or_stop(outcomes: List[State], shards: List[ShardSpec], state: SharedRunState) -> List[StatusTracker]:
-    """The shards' trackers; a shard that crashed stops the run and gets an empty tracker."""
-    trackers: List[StatusTracker] = []
-    for shard, outcome in zip(shards, outcomes):
-        value = await outcome.aresult(raise_on_failure=False)
-        if isinstance(value, StatusTracker) and outcome.name == "Cached":
-            # Finished by an earlier run: all its rows are resumed, none was sent now.
-            trackers.append(StatusTracker(shard=value.shard, lines_read=value.lines_read,
-                                          blank_lines=value.blank_lines, rows=value.rows, resumed_rows=value.rows))
-            continue
-        if isinstance(value, StatusTracker):
-            trackers.append(value)
-            continue
-        state.stop(f"{shard.label} failed: {type(value).__name__}: {value}")
-        trackers.append(StatusTracker(shard=shard.index, rows=1, not_sent=1))
-    return trackers
 
 
 def _part_infos(work: WorkLocation, shards: List[ShardSpec], trackers: List[StatusTracker]) -> List[PartInfo]:
@@ -377,28 +403,6 @@ def _storage_failure(logger: Any, uri: str, error: BaseException) -> State:
     message = describe_storage_error(uri, error)
     logger.error("%s", message)
     return Failed(message=message)
-
-
-async def _transport_params(aws_credentials_block: Optional[str]) -> Optional[Dict[str, Any]]:
-    """smart-open's transport parameters: an S3 client from a prefect-aws block, or None (standard AWS config)."""
-    if not aws_credentials_block:
-        return None
-    try:
-        from prefect_aws import AwsCredentials
-    except ImportError as error:
-        raise RuntimeError("aws_credentials_block needs the prefect-aws package (pip install prefect-aws)") from error
-    credentials = await AwsCredentials.aload(aws_credentials_block)
-    return {"client": credentials.get_boto3_session().client("s3")}
-
-
-async def _resolve_api_key(env_var: Optional[str], secret_block: Optional[str]) -> Optional[str]:
-    """Read the API key from a Prefect Secret block, or else from an environment variable."""
-    if secret_block:
-        from prefect.blocks.system import Secret
-
-        secret = await Secret.aload(secret_block)
-        return secret.get()
-    return os.environ.get(env_var) if env_var else None
 
 
 def _flow_run_name() -> str:

@@ -436,6 +436,21 @@ class RequestLane:
             self.buckets.release(tokens)
             raise
 
+    def try_take_buckets(self, tokens: float) -> bool:
+        """Take the model's bucket capacity now if it is there; never waits (raises RequestNeverFits at once).
+
+        A caller that got True must then ``await take_slot()``.
+        """
+        return self.buckets.try_acquire(tokens)
+
+    async def take_slot(self) -> None:
+        """Wait for a shared in-flight slot, after ``try_take_buckets`` said True."""
+        await self.in_flight.acquire(0)
+
+    def learned_limit(self, scope: str) -> Optional[float]:
+        """The limit the server said for ``scope`` ("requests" or "tokens"), if any."""
+        return getattr(self.buckets, f"learned_{scope}_per_minute")
+
     def release(self, tokens: float = 0.0) -> None:
         """Free the shared slot and the model's in-flight count."""
         self.in_flight.release()
@@ -506,3 +521,9 @@ class RateLimiterPool:
     def lanes(self) -> Dict[Tuple[str, str], RequestLane]:
         """The lanes made so far."""
         return dict(self._lanes)
+
+    async def check(self) -> None:
+        """Nothing to check: the engine lives in this process (the Redis engine pings its server here)."""
+
+    async def aclose(self) -> None:
+        """Nothing to close (the Redis engine tells its server the last releases here)."""

@@ -36,7 +36,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 # Third-party imports
 from prefect import get_run_logger, task
@@ -48,6 +48,7 @@ from tasks.api_client import ApiClient, ApiResult, Outcome, backoff_seconds
 from tasks.metrics import RunProgress, StatusTracker
 from tasks.pricing import PriceTable
 from tasks.rate_limiter import RateLimiterPool, RequestLane, RequestNeverFits
+from tasks.redis_rate_limiter import LimiterUnavailable, RedisRateLimiterPool
 from tasks.request_formats import InvalidLine, ParsedRequest, RequestShape, format_result, parse_line
 from tasks.results_storage import PartWriter, read_part_state
 from tasks.sharding import ShardSpec, iter_shard_lines
@@ -59,6 +60,8 @@ MAX_RATE_LIMIT_WAITS = 50
 ERROR_EXAMPLE_LIMIT = 5
 # How many requests may be read ahead of their answers, across all shards (bounds memory).
 PENDING_REQUESTS = 2000
+# How many lines a shard reads before it lets the event loop run other work.
+YIELD_EVERY_LINES = 32
 
 
 @task(
@@ -117,13 +120,13 @@ class RunSettings:
     request_url: str
     shape: RequestShape
     max_attempts: int = 5
-    retry_base_seconds: float = 0.5
+    retry_base_seconds: float = 0.25
 
 
 class SharedRunState:
     """The live objects every shard of a run shares. They all belong to the flow's event loop."""
 
-    def __init__(self, settings: RunSettings, limiter: RateLimiterPool, client: ApiClient,
+    def __init__(self, settings: RunSettings, limiter: Union[RateLimiterPool, RedisRateLimiterPool], client: ApiClient,
                  estimator: Optional[TokenEstimator], progress: RunProgress,
                  transport_params: Optional[Dict[str, Any]] = None, prices: Optional[PriceTable] = None,
                  budget_usd: Optional[float] = None) -> None:
@@ -201,6 +204,9 @@ class _ShardWorker:
         settings = self.state.settings
         for line_index, offset, raw in iter_shard_lines(self.shard, self.state.transport_params):
             self.tracker.lines_read += 1
+            if self.tracker.lines_read % YIELD_EVERY_LINES == 0:
+                # Reading and estimating never wait, so let the engine's timers and the answers run.
+                await asyncio.sleep(0)
             if not raw.strip():
                 self.tracker.blank_lines += 1
                 self.state.progress.advance(len(raw))
@@ -225,7 +231,7 @@ class _ShardWorker:
                 continue
             lane = self.state.limiter.lane_for(parsed.body.get("model"), endpoint_of_url(parsed.url))
             try:
-                ready = lane.buckets.try_acquire(tokens)
+                ready = lane.try_take_buckets(tokens)
             except RequestNeverFits as error:
                 self.state.settle_budget(reserved_usd, 0.0)
                 self._finish(part, parsed, len(raw), None, None, None, [str(error)], "request_too_large")
@@ -233,7 +239,7 @@ class _ShardWorker:
                 continue
             if ready:
                 # Its model's buckets serve it now: wait here for a shared in-flight slot, then send.
-                await lane.in_flight.acquire(0)
+                await lane.take_slot()
                 job = asyncio.create_task(self._send_granted(part, parsed, lane, tokens, len(raw), reserved_usd))
             else:
                 # It waits in its own model's lane, so a slow model never holds up a fast one;
@@ -251,6 +257,11 @@ class _ShardWorker:
         try:
             try:
                 await lane.acquire(tokens)
+            except LimiterUnavailable as error:  # the shared engine is gone: stop, keep what is done
+                self.state.settle_budget(reserved_usd, 0.0)
+                self.state.stop(str(error))
+                self.tracker.not_sent += 1
+                return
             except RequestNeverFits as error:  # the limit learned meanwhile is below this request
                 self.state.settle_budget(reserved_usd, 0.0)
                 self._finish(part, request, line_bytes, None, None, None, [str(error)], "request_too_large")
@@ -295,7 +306,12 @@ class _ShardWorker:
         while True:
             if not holds_slot:
                 if self.state.stop_reason is None:
-                    await limiter.acquire(tokens)
+                    try:
+                        await limiter.acquire(tokens)
+                    except LimiterUnavailable as error:
+                        self.state.stop(str(error))
+                        tracker.not_sent += 1
+                        return
                     if self.state.stop_reason is not None:
                         limiter.release(tokens)
                 if self.state.stop_reason is not None:

@@ -7,6 +7,11 @@ flow tests run against a real (temporary, SQLite) Prefect server started once pe
 # Standard library imports
 import json
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 from typing import Any, Callable, Iterator, List
 
 # Settings that must be in place before Prefect is imported anywhere.
@@ -43,6 +48,41 @@ def api_server() -> Iterator[Callable[..., RunningServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis over a socket: the one on 127.0.0.1:6379 when it answers, else one started here."""
+    if _redis_answers(6379):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    server_binary = shutil.which("redis-server")
+    if server_binary is None:
+        pytest.fail("no Redis answers on 127.0.0.1:6379 and redis-server is not installed")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder = tempfile.mkdtemp(prefix="redis-test-")
+    process = subprocess.Popen([server_binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                                "--appendonly", "no", "--dir", folder], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while not _redis_answers(port):
+        assert time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.1)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(10)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _redis_answers(port: int) -> bool:
+    """True when a Redis server answers PING on 127.0.0.1:port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
+            connection.sendall(b"PING\r\n")
+            return connection.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 def write_jsonl(path: Any, rows: List[Any]) -> str:

@@ -1,0 +1,233 @@
+"""The parallel-requests-shards flow, and the Dask mode: run shards of a parallel-requests run in other processes.
+
+The distributed mode of the ``parallel-requests`` flow. With ``shard_deployment`` set (and a
+shared ``limiter``), the parent flow starts one child flow run per shard with Prefect's
+``run_deployment``. Each child run lands on whichever worker of the deployment's work pool is
+free, on any machine, and runs its shard here: its own engine connected to the shared Redis
+limits, its own HTTP session, its part file in the run's work location. The parent waits for
+every child, then assembles the output in input order and publishes the artifacts, as in the
+single-process mode.
+
+Deploy it beside ``parallel-requests`` (``prefect.yaml`` has ``parallel-requests-shards/workers``),
+start as many workers as you like on the pool, and run the parent with:
+
+    prefect deployment run parallel-requests/adhoc \\
+        --param requests_filepath=s3://bucket/requests.jsonl \\
+        --param limiter=redis://10.0.0.5:6379/0 \\
+        --param shard_deployment=parallel-requests-shards/workers \\
+        --param work_dir=/mnt/shared/work --param shards=16
+
+Each child writes its shard's counts beside its part (``<part>.tracker.json``), so the parent
+reads them from the work location whatever result storage the workers use. A child that dies
+(a killed worker) leaves its part as far as it got; the parent's run ends Failed with "rerun to
+continue", and running the same command again continues that shard where it stopped.
+
+The Dask mode: with ``dask_cluster`` set (``local``, ``local:4`` or a scheduler address), the
+parent flow opens prefect-dask's ``DaskTaskRunner`` and submits each shard as the task
+``process-shard-elsewhere``; each Dask worker process runs it with its own engine on the shared
+Redis limits. Install it with ``pip install prefect-dask``.
+
+Pitfalls:
+    - The work location must be reachable from every worker: a shared folder for workers on
+      several machines (``work_dir``). Parts are appended row by row, which object stores cannot do.
+    - The API key is read by each worker from the environment variable or Secret block the run
+      names; it never travels as a parameter.
+    - ``budget_usd`` applies to each child run on its own.
+"""
+
+# Standard library imports
+import asyncio
+import json
+import os
+from dataclasses import asdict
+from typing import Any, Dict, List, Sequence
+
+# Third-party imports
+from prefect import flow, get_run_logger, task
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Completed, Failed, State
+
+# Local application imports
+from tasks.metrics import RunProgress, StatusTracker
+from tasks.shard_runner import (
+    ShardJob,
+    ShardOutcome,
+    resolve_api_key,
+    run_shards_here,
+    trackers_of,
+    transport_params_for,
+)
+from tasks.sharding import ShardSpec
+
+# How often the parent asks for a child run's state (seconds).
+CHILD_POLL_SECONDS = 1.0
+
+
+@flow(name="parallel-requests-shards", flow_run_name=lambda: _flow_run_name(), persist_result=False)
+async def parallel_requests_shards(job: Dict[str, Any], shards: List[Dict[str, Any]], part_paths: List[str],
+                                   work_id: str) -> State:
+    """Run some shards of a parallel-requests run in this process, sharing the run's Redis limits.
+
+    Args:
+        job: the run's settings (``ShardJob.to_dict()``), with no key in them.
+        shards: the shards to run (``ShardSpec`` fields).
+        part_paths: each shard's part file in the run's work location.
+        work_id: the run's work id.
+
+    Returns:
+        Completed when every row of the shards has its result, Failed otherwise; the counts are
+        also written beside each part for the parent.
+    """
+    logger = get_run_logger()
+    shard_job = ShardJob.from_dict(job)
+    specs = [ShardSpec(**shard) for shard in shards]
+    api_key = await resolve_api_key(shard_job.api_key_env_var, shard_job.api_key_secret_block)
+    transport_params = await transport_params_for(shard_job.aws_credentials_block)
+    progress = RunProgress(total_bytes=sum(spec.end - spec.start for spec in specs))
+    states, state = await run_shards_here(shard_job, specs, part_paths, work_id, progress, api_key, transport_params)
+    trackers = await trackers_of(states, specs, state)
+    for tracker, part_path in zip(trackers, part_paths):
+        _write_tracker(part_path, tracker, state.end_reason, state.error_examples)
+    not_sent = sum(tracker.not_sent for tracker in trackers)
+    if not_sent:
+        logger.error("%d rows not sent: %s", not_sent, state.end_reason or "stopped")
+        return Failed(message=f"{not_sent} rows not sent: {state.end_reason or 'stopped'}")
+    return Completed(message=f"{sum(tracker.rows for tracker in trackers)} rows done")
+
+
+async def run_shards_as_child_runs(deployment: str, job: ShardJob, shards: Sequence[ShardSpec],
+                                   part_paths: Sequence[str], work_id: str, progress: RunProgress) -> ShardOutcome:
+    """Run each shard as a child flow run of ``deployment`` and wait for all of them (from the parent flow).
+
+    Returns:
+        Each shard's counts, read from the work location, and why the run stopped early, if it did.
+    """
+    logger = get_run_logger()
+    parameters = job.to_dict()
+
+    async def run_one(shard: ShardSpec, part_path: str) -> Any:
+        _remove_tracker(part_path)
+        child = await run_deployment(
+            deployment, parameters={"job": parameters, "shards": [asdict(shard)], "part_paths": [part_path],
+                                    "work_id": work_id},
+            timeout=None, poll_interval=CHILD_POLL_SECONDS, as_subflow=True,
+        )
+        progress.advance(shard.end - shard.start)
+        return child
+
+    logger.info("Running %d shard(s) as child runs of %s", len(shards), deployment)
+    children = await asyncio.gather(*(run_one(shard, path) for shard, path in zip(shards, part_paths)))
+    outcome = ShardOutcome(trackers=[])
+    for shard, part_path, child in zip(shards, part_paths, children):
+        saved = _read_tracker(part_path)
+        state_name = child.state.name if child.state else "unknown"
+        if saved is None:
+            outcome.stop_reason = outcome.stop_reason or (
+                f"{shard.label}: child run {child.name} ended {state_name} before finishing; rerun to continue")
+            outcome.trackers.append(StatusTracker(shard=shard.index, rows=1, not_sent=1))
+            continue
+        tracker, stop_reason, examples = saved
+        outcome.trackers.append(tracker)
+        outcome.stop_reason = outcome.stop_reason or stop_reason
+        outcome.error_examples += [example for example in examples if example not in outcome.error_examples]
+    return outcome
+
+
+@task(name="process-shard-elsewhere", persist_result=False, task_run_name="{shard[source]} shard {shard[index]}")
+async def process_shard_elsewhere(job: Dict[str, Any], shard: Dict[str, Any], part_path: str, work_id: str) -> Dict[str, Any]:
+    """Run one shard in this (Dask worker) process, sharing the run's Redis limits; return its counts."""
+    shard_job = ShardJob.from_dict(job)
+    spec = ShardSpec(**shard)
+    api_key = await resolve_api_key(shard_job.api_key_env_var, shard_job.api_key_secret_block)
+    transport_params = await transport_params_for(shard_job.aws_credentials_block)
+    progress = RunProgress(total_bytes=spec.end - spec.start)
+    states, state = await run_shards_here(shard_job, [spec], [part_path], work_id, progress, api_key, transport_params)
+    trackers = await trackers_of(states, [spec], state)
+    return {"tracker": asdict(trackers[0]), "stop_reason": state.end_reason, "error_examples": state.error_examples}
+
+
+async def run_shards_on_dask(cluster: str, job: ShardJob, shards: Sequence[ShardSpec], part_paths: Sequence[str],
+                             work_id: str, progress: RunProgress) -> ShardOutcome:
+    """Run each shard as a task on a Dask cluster (prefect-dask's DaskTaskRunner) and wait for all of them.
+
+    Args:
+        cluster: "local" (a LocalCluster with one worker process per core), "local:N" (N worker
+            processes), or the address of a running scheduler ("tcp://10.0.0.5:8786").
+    """
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as error:
+        raise RuntimeError("dask_cluster needs the prefect-dask package (pip install prefect-dask)") from error
+    logger = get_run_logger()
+    if cluster == "local" or cluster.startswith("local:"):
+        workers = int(cluster.partition(":")[2] or min(len(shards), os.cpu_count() or 1))
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "processes": True, "threads_per_worker": 1,
+                                                "dashboard_address": None})
+    else:
+        runner = DaskTaskRunner(address=cluster)
+    parameters = job.to_dict()
+    logger.info("Running %d shard(s) as tasks on the Dask cluster %s", len(shards), cluster)
+    with runner:
+        futures = [runner.submit(process_shard_elsewhere, parameters={"job": parameters, "shard": asdict(shard),
+                                                                       "part_path": part_path, "work_id": work_id})
+                   for shard, part_path in zip(shards, part_paths)]
+        outcome = ShardOutcome(trackers=[])
+        for shard, future in zip(shards, futures):
+            await asyncio.to_thread(future.wait)
+            progress.advance(shard.end - shard.start)
+            value = await future.state.aresult(raise_on_failure=False) if future.state else None
+            if not isinstance(value, dict):
+                outcome.stop_reason = outcome.stop_reason or f"{shard.label} failed on Dask: {value!r}; rerun to continue"
+                outcome.trackers.append(StatusTracker(shard=shard.index, rows=1, not_sent=1))
+                continue
+            outcome.trackers.append(StatusTracker(**value["tracker"]))
+            outcome.stop_reason = outcome.stop_reason or value["stop_reason"]
+            outcome.error_examples += [text for text in value["error_examples"] if text not in outcome.error_examples]
+    return outcome
+
+
+# Helpers
+
+
+def tracker_path(part_path: str) -> str:
+    """Where a child run leaves a shard's counts for the parent."""
+    return f"{part_path}.tracker.json"
+
+
+def _write_tracker(part_path: str, tracker: StatusTracker, stop_reason: Any, examples: List[str]) -> None:
+    """Write a shard's counts atomically beside its part."""
+    path = tracker_path(part_path)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump({"tracker": asdict(tracker), "stop_reason": stop_reason, "error_examples": examples}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _read_tracker(part_path: str) -> Any:
+    """A shard's counts, stop reason and error examples, or None when its child run left none."""
+    try:
+        with open(tracker_path(part_path), encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return StatusTracker(**saved["tracker"]), saved.get("stop_reason"), list(saved.get("error_examples") or [])
+
+
+def _remove_tracker(part_path: str) -> None:
+    """Forget counts an earlier run left, so only this run's child can speak for the shard."""
+    try:
+        os.remove(tracker_path(part_path))
+    except FileNotFoundError:
+        pass
+
+
+def _flow_run_name() -> str:
+    """The child run's name: input file and shards."""
+    shards = current_flow_run.parameters.get("shards") or []
+    if shards:
+        first = shards[0]
+        return f"parallel-requests-shards {os.path.basename(str(first.get('source')))} shard {first.get('index', 0) + 1}/{first.get('count')}"
+    return "parallel-requests-shards"

@@ -1,0 +1,558 @@
+"""The Redis-backed rate-limit engine: one set of RPM, TPM and in-flight limits shared by many processes.
+
+Without it, each process has its own engine (``tasks.rate_limiter``), and several jobs on one API
+key each spend the whole limit. With ``--limiter redis://host:port/db`` (or the flow's ``limiter``
+parameter), every process using the same identity and model shares one pair of buckets and one
+in-flight cap, kept in Redis and changed atomically by one server-side script
+(``redis_rate_limiter.lua``).
+
+Identity: the API host, a fingerprint of the key (a SHA-256 prefix, never the key) and, per lane,
+the model and endpoint. ``--limiter-name`` names it explicitly, for example to share one budget
+between two hosts that are really one account.
+
+How a request gets its capacity:
+    - Each lane (model and endpoint) of each process keeps a local first-in-first-out line and one
+      dispatcher task. The dispatcher sends the head of the line (up to 64 requests) in one script
+      call. The script grants as many as fit and gives each a reservation: a delay of at most
+      ``horizon_seconds``, after which it goes. Processes never race for each token, and a busy
+      process makes far fewer than one call per request.
+    - Releases (a request answered), refunds (usage below the estimate), 429 slow-downs and the
+      server's ``x-ratelimit-*`` headers wait locally and ride along with the next call: at most
+      20 ms for headers and slow-downs; for releases and refunds, 20 ms once they add up to a tenth
+      of the in-flight cap, at most 1 s otherwise. A busy lane calls often enough to carry them.
+    - The shared buckets are only ``horizon_seconds`` deep (a quarter of ``burst_seconds`` by
+      default): reservations keep every process busy, and a shallow bucket keeps the burst after an
+      idle moment (a process starting up, a stalled loop) well inside a server's one-second slice.
+    - When the line is blocked by the buckets, the script says for how long and the dispatcher sleeps
+      exactly that long (no polling). When it is blocked by the in-flight cap, a local release wakes
+      it, and otherwise it asks again every 20 ms: other processes' releases are not announced.
+    - In-flight slots are leases: each process's counts are kept under its own name, with a heartbeat
+      (every call, and every ``lease_seconds / 3`` while it holds slots). When a process dies, its
+      heartbeat expires after ``lease_seconds`` and the next call of any process frees what it held.
+    - The limits learned from the server's headers are stored beside the buckets, so every process
+      follows them, and a 429 seen by one process slows them all.
+
+Usage:
+    >>> pool = RedisRateLimiterPool("redis://127.0.0.1:6379/0", limiter_identity(url, key), 6_000, 1_000_000)
+    >>> lane = pool.lane_for("gpt-4o-mini", "chat/completions")
+    >>> await lane.acquire(tokens)          # waits for a shared reservation
+    >>> lane.release(tokens)                # when the answer has arrived
+    >>> await pool.aclose()
+
+Pitfalls:
+    - A lane binds to the event loop it is first used on, like the in-process engine.
+    - Every process sharing an identity should give the same limits: the buckets follow the limits
+      of the latest call. The learned limits are shared and win when lower.
+    - Redis's clock (``TIME``) is the only clock the buckets use, so machines need not agree on time.
+"""
+
+# Standard library imports
+import asyncio
+import collections
+import hashlib
+import logging
+import math
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Deque, Dict, List, Optional, Tuple
+from urllib.parse import urlsplit
+
+# Third-party imports
+import redis.asyncio as redis_asyncio
+from redis.exceptions import RedisError
+
+# Local application imports
+from tasks.rate_limiter import (
+    FALLBACK_REQUESTS_PER_MINUTE,
+    FALLBACK_TOKENS_PER_MINUTE,
+    LEARNING_REQUESTS_PER_MINUTE,
+    LEARNING_TOKENS_PER_MINUTE,
+    RateLimiterPool,
+    RequestNeverFits,
+)
+
+LOGGER = logging.getLogger(__name__)
+ENGINE_SCRIPT = (Path(__file__).with_name("redis_rate_limiter.lua")).read_text(encoding="utf-8")
+# How many waiting requests one call asks for.
+BATCH_SIZE = 64
+# How long 429 slow-downs and header updates wait to ride along with another call.
+FLUSH_SECONDS = 0.02
+# How long releases and refunds wait to ride along with another call, at most. They go within
+# FLUSH_SECONDS once they add up to a tenth of the in-flight cap, and at once when a line waits for a slot.
+RELEASE_FLUSH_SECONDS = 1.0
+# How often a line blocked by the in-flight cap asks again (other processes' releases are silent).
+IN_FLIGHT_RETRY_SECONDS = 0.02
+# How many failed calls in a row make the limiter unavailable (with backoff, about 30 s).
+MAX_FAILED_CALLS = 8
+
+
+class LimiterUnavailable(RuntimeError):
+    """Raised to waiting requests when the Redis limiter cannot be reached."""
+
+
+def limiter_identity(request_url: str, api_key: Optional[str], name: Optional[str] = None) -> str:
+    """The name every process sharing a key's limits uses: the API host and a fingerprint of the key.
+
+    Args:
+        request_url: the API URL (only its host and port are used).
+        api_key: the key (only a SHA-256 prefix of it is used), or None.
+        name: an explicit name, which wins.
+
+    Returns:
+        For example ``api.openai.com/key-3f2a9c0d1b7e4a56``.
+    """
+    if name:
+        return name
+    host = (urlsplit(request_url).hostname or "local").lower()
+    port = urlsplit(request_url).port
+    fingerprint = hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:16] if api_key else "none"
+    return f"{host}{f':{port}' if port else ''}/key-{fingerprint}"
+
+
+def describe_redis_url(url: str) -> str:
+    """A Redis URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+@dataclass
+class _Waiter:
+    """One request waiting in a lane's local line."""
+
+    tokens: float
+    future: "asyncio.Future[None]"
+
+
+@dataclass
+class _PendingChanges:
+    """What a lane has to tell Redis with its next call."""
+
+    released_requests: int = 0
+    released_tokens: float = 0.0
+    refunded_tokens: float = 0.0
+    slow_requests: bool = False
+    slow_tokens: bool = False
+    headers: Tuple[float, float, float, float, float, float] = (-1, -1, -1, -1, -1, -1)
+
+    @property
+    def empty(self) -> bool:
+        """True when there is nothing to tell."""
+        return not (self.released_requests or self.refunded_tokens or self.slow_requests or self.slow_tokens
+                    or self.headers[1] >= 0 or self.headers[4] >= 0 or self.headers[0] > 0 or self.headers[3] > 0)
+
+
+class RedisLane:
+    """One model's (and endpoint's) shared buckets, seen from this process.
+
+    Attributes:
+        max_requests_per_minute, max_tokens_per_minute: the configured limits (None: none).
+        learned_requests_per_minute, learned_tokens_per_minute: what the server's headers said
+            (here or in any other process sharing the identity).
+    """
+
+    def __init__(self, pool: "RedisRateLimiterPool", lane_key: str, max_requests_per_minute: Optional[float],
+                 max_tokens_per_minute: Optional[float]) -> None:
+        self.pool = pool
+        self.keys = [f"{lane_key}:buckets", f"{lane_key}:flight", pool.key("flight"), pool.key("processes"),
+                     pool.key("lanes")]
+        self.max_requests_per_minute = max_requests_per_minute
+        self.max_tokens_per_minute = max_tokens_per_minute
+        self.learned_requests_per_minute: Optional[float] = None
+        self.learned_tokens_per_minute: Optional[float] = None
+        self._waiters: Deque[_Waiter] = collections.deque()
+        self._changes = _PendingChanges()
+        self._flush_at: Optional[float] = None
+        self._retry_at = 0.0
+        self._blocked_by_flight = False
+        self._held = 0
+        self._last_call = 0.0
+        self._failed_calls = 0
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._wake: Optional["asyncio.Future[None]"] = None
+        self._closing = False
+        self._dispatcher: Optional["asyncio.Task[None]"] = None
+
+    # The lane interface the shard worker uses (as tasks.rate_limiter.RequestLane).
+
+    def try_take_buckets(self, tokens: float) -> bool:
+        """Never serves at once (capacity lives in Redis); raises RequestNeverFits for a request that can never fit."""
+        self._check_fits(tokens)
+        return False
+
+    async def take_slot(self) -> None:
+        """Nothing to do: ``acquire`` takes the shared in-flight slot with the buckets."""
+
+    async def acquire(self, tokens: float) -> None:
+        """Wait, first in first out in this process, for a shared reservation of one request and ``tokens``.
+
+        Raises:
+            RequestNeverFits: when ``tokens`` is above the per-minute token limit.
+            LimiterUnavailable: when Redis cannot be reached.
+        """
+        self._check_fits(tokens)
+        self._start()
+        assert self._loop is not None
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(_Waiter(tokens, future))
+        self._kick()
+        await future
+
+    def release(self, tokens: float = 0.0) -> None:
+        """Give back a request's in-flight slot (told to Redis with the next call)."""
+        self._held -= 1
+        self._changes.released_requests += 1
+        self._changes.released_tokens += tokens
+        if self._blocked_by_flight:
+            self._retry_at = 0.0
+        many = self._changes.released_requests >= max(1, self.pool.max_in_flight // 10)
+        self._changed(FLUSH_SECONDS if many else RELEASE_FLUSH_SECONDS)
+
+    def observe(self, limits: Any) -> None:
+        """Follow an answer's ``x-ratelimit-*`` headers (a ``ServerLimits``), or their absence (None)."""
+        values: List[float] = []
+        for scope, fallback in (("requests", FALLBACK_REQUESTS_PER_MINUTE), ("tokens", FALLBACK_TOKENS_PER_MINUTE)):
+            limit = getattr(limits, f"limit_{scope}", None)
+            remaining = getattr(limits, f"remaining_{scope}", None)
+            reset = getattr(limits, f"reset_{scope}_seconds", None)
+            if limit:
+                setattr(self, f"learned_{scope}_per_minute", float(limit))
+            elif (getattr(self, f"learned_{scope}_per_minute") is None and self.pool.learn_limits
+                  and getattr(self, f"max_{scope}_per_minute") is None):
+                setattr(self, f"learned_{scope}_per_minute", fallback)  # the server does not say: the Cookbook's
+            values += [float(limit) if limit else -1.0, float(remaining) if remaining is not None else -1.0,
+                       float(reset) if reset else -1.0]
+        if any(value >= 0 for value in values):
+            self._changes.headers = tuple(values)  # type: ignore[assignment]
+            self._changed()
+
+    def slow_down(self, requests: bool = True, tokens: bool = True) -> None:
+        """Empty the shared buckets after a 429 (every process slows down)."""
+        self._changes.slow_requests |= requests
+        self._changes.slow_tokens |= tokens
+        self._changed()
+
+    def refund_tokens(self, tokens: float) -> None:
+        """Give the shared token bucket back what a request reserved but did not use."""
+        if tokens > 0:
+            self._changes.refunded_tokens += tokens
+            self._changed(RELEASE_FLUSH_SECONDS)
+
+    def learned_limit(self, scope: str) -> Optional[float]:
+        """The limit the server said for ``scope`` ("requests" or "tokens"), if any."""
+        return getattr(self, f"learned_{scope}_per_minute")
+
+    @property
+    def token_limit(self) -> Optional[float]:
+        """The token limit per minute in force, or None."""
+        return _lower(_finite(self.max_tokens_per_minute), self.learned_tokens_per_minute)
+
+    async def aclose(self) -> None:
+        """Tell Redis what is still pending and stop the dispatcher."""
+        if self._dispatcher is not None:
+            self._closing = True
+            self._kick()
+            try:
+                await self._dispatcher
+            except Exception:  # a failed dispatcher has nothing more to tell
+                pass
+            self._dispatcher = None
+        if not self._changes.empty:
+            try:
+                await self._call([])
+            except Exception as error:  # the leases expire on their own
+                LOGGER.warning("could not tell the limiter %s about the last releases: %s",
+                               describe_redis_url(self.pool.url), error)
+
+    # Helpers
+
+    def _check_fits(self, tokens: float) -> None:
+        limit = self.token_limit
+        if limit is not None and tokens > limit:
+            raise RequestNeverFits(
+                f"the request is estimated at {int(tokens):,} tokens, more than "
+                f"the limit of {int(limit):,} tokens per minute: it can never be sent"
+            )
+
+    def _start(self) -> None:
+        """Bind to the running loop and start the dispatcher on first use."""
+        if self._dispatcher is None:
+            self._loop = asyncio.get_running_loop()
+            self._dispatcher = self._loop.create_task(self._dispatch_forever())
+            self._dispatcher.add_done_callback(self._on_dispatcher_done)
+
+    def _on_dispatcher_done(self, dispatcher: "asyncio.Task[None]") -> None:
+        """A dispatcher that died of a bug must not leave requests waiting forever."""
+        if not dispatcher.cancelled() and dispatcher.exception() is not None:
+            self._fail_waiters(dispatcher.exception())  # type: ignore[arg-type]
+
+    def _changed(self, within: float = FLUSH_SECONDS) -> None:
+        """Note that something must be told to Redis ``within`` seconds, and wake the dispatcher."""
+        if self._loop is not None:
+            due = self._loop.time() + within
+            if self._flush_at is None or due < self._flush_at:
+                self._flush_at = due
+        self._kick()
+
+    def _kick(self) -> None:
+        """Wake the dispatcher if it sleeps."""
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _sleep(self, timeout: Optional[float]) -> None:
+        """Sleep until ``timeout`` seconds pass (None: forever) or ``_kick()`` is called."""
+        assert self._loop is not None
+        self._wake = wake = self._loop.create_future()
+        timer = self._loop.call_later(timeout, self._kick) if timeout is not None else None
+        try:
+            await wake
+        finally:
+            self._wake = None
+            if timer is not None:
+                timer.cancel()
+
+    def _rate_argument(self, scope: str) -> Tuple[float, bool]:
+        """The per-minute rate the shared bucket refills at (-1: unlimited), and whether it is still learning."""
+        configured = getattr(self, f"max_{scope}_per_minute")
+        learned = getattr(self, f"learned_{scope}_per_minute")
+        if configured is not None and math.isinf(configured):
+            return -1.0, False
+        limit = _lower(configured, learned)
+        if limit is None:
+            if not self.pool.learn_limits:
+                return -1.0, False
+            start = LEARNING_REQUESTS_PER_MINUTE if scope == "requests" else LEARNING_TOKENS_PER_MINUTE
+            return start, True
+        return limit * self.pool.target_utilization, False
+
+    async def _dispatch_forever(self) -> None:
+        """Call Redis when the line can move, changes are due, or a heartbeat is; otherwise sleep."""
+        assert self._loop is not None
+        heartbeat = self.pool.lease_seconds / 3
+        while not self._closing:
+            while self._waiters and self._waiters[0].future.done():
+                self._waiters.popleft()  # cancelled while waiting
+            deadlines = []
+            if self._waiters:
+                deadlines.append(self._retry_at)
+            if self._flush_at is not None:
+                deadlines.append(self._flush_at)
+            if self._held > 0:
+                deadlines.append(self._last_call + heartbeat)
+            now = self._loop.time()
+            if not deadlines or min(deadlines) > now:
+                await self._sleep(min(deadlines) - now if deadlines else None)
+                continue
+            batch = [waiter for waiter in list(self._waiters)[:BATCH_SIZE]] if now >= self._retry_at else []
+            try:
+                reply = await self._call([waiter.tokens for waiter in batch])
+            except (RedisError, OSError) as error:
+                self._failed_calls += 1
+                if self._failed_calls >= MAX_FAILED_CALLS:
+                    self._fail_waiters(error)
+                    self._failed_calls = 0
+                wait = min(8.0, 0.25 * 2 ** self._failed_calls)
+                LOGGER.warning("the limiter %s did not answer (%s); trying again in %.1f s",
+                               describe_redis_url(self.pool.url), error, wait)
+                self._retry_at = self._loop.time() + wait
+                self._last_call = self._loop.time()
+                await self._sleep(wait)
+                continue
+            self._failed_calls = 0
+            self._apply(reply, batch)
+
+    async def _call(self, tokens: List[float]) -> List[str]:
+        """One script call: the pending changes, and grants for ``tokens`` (the head of the line)."""
+        changes, self._changes, self._flush_at = self._changes, _PendingChanges(), None
+        requests_rate, requests_learning = self._rate_argument("requests")
+        tokens_rate, tokens_learning = self._rate_argument("tokens")
+        start_full = ("r" if requests_learning else "") + ("t" if tokens_learning else "")
+        arguments = [
+            self.pool.process_name, self.pool.lease_seconds, self.pool.max_in_flight, requests_rate, tokens_rate,
+            self.pool.burst_seconds, self.pool.horizon_seconds, start_full or "-",
+            changes.released_requests, changes.released_tokens, changes.refunded_tokens,
+            int(changes.slow_requests), int(changes.slow_tokens), *changes.headers, *tokens,
+        ]
+        if self._loop is not None:
+            self._last_call = self._loop.time()
+        try:
+            reply = await self.pool.run_script(self.keys, arguments)
+        except BaseException:
+            self._restore(changes)
+            raise
+        return reply
+
+    def _restore(self, changes: _PendingChanges) -> None:
+        """Keep changes a failed call could not deliver, for the next one."""
+        self._changes.released_requests += changes.released_requests
+        self._changes.released_tokens += changes.released_tokens
+        self._changes.refunded_tokens += changes.refunded_tokens
+        self._changes.slow_requests |= changes.slow_requests
+        self._changes.slow_tokens |= changes.slow_tokens
+        if self._changes.headers[1] < 0 and self._changes.headers[4] < 0:
+            self._changes.headers = changes.headers
+        self._changed()
+
+    def _apply(self, reply: List[str], batch: List[_Waiter]) -> None:
+        """Hand out the grants of a reply, and note when to ask again."""
+        assert self._loop is not None
+        granted, wait, blocked = int(reply[0]), float(reply[1]), reply[2]
+        for scope, value in (("requests", float(reply[3])), ("tokens", float(reply[4]))):
+            if value > 0:
+                setattr(self, f"learned_{scope}_per_minute", value)
+        self.pool.granted += granted
+        for waiter, delay in zip(batch[:granted], reply[5:5 + granted]):
+            self._waiters.popleft()
+            self._held += 1
+            seconds = float(delay)
+            if seconds <= 0.0005:
+                self._grant(waiter)
+            else:
+                self._loop.call_later(seconds, self._grant, waiter)
+        now = self._loop.time()
+        self._blocked_by_flight = blocked == "flight"
+        if blocked == "rate":
+            self._retry_at = now + wait + 0.001
+        elif blocked == "flight":
+            self._retry_at = now + IN_FLIGHT_RETRY_SECONDS
+        else:
+            self._retry_at = now
+
+    def _grant(self, waiter: _Waiter) -> None:
+        """Let a waiter go; one that was cancelled meanwhile gives its reservation's slot back."""
+        if waiter.future.done():
+            self.release(waiter.tokens)
+        else:
+            waiter.future.set_result(None)
+
+    def _fail_waiters(self, error: BaseException) -> None:
+        """Fail every waiting request: the limiter cannot be reached."""
+        failure = LimiterUnavailable(f"the rate limiter {describe_redis_url(self.pool.url)} cannot be reached: {error}")
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(failure)
+
+
+@dataclass
+class RedisRateLimiterPool:
+    """Shared buckets per (model, endpoint) and one shared in-flight cap, kept in Redis.
+
+    The same interface as ``tasks.rate_limiter.RateLimiterPool``: ``lane_for(model, endpoint)``.
+
+    Attributes:
+        url: the Redis URL, ``redis://host:port/db`` (``rediss://`` for TLS).
+        identity: the shared name (see ``limiter_identity``).
+        max_requests_per_minute, max_tokens_per_minute, max_in_flight, model_limits, burst_seconds,
+            target_utilization, learn_limits: as for RateLimiterPool; max_in_flight is shared by
+            every process of the identity.
+        lease_seconds: how long a dead process's in-flight slots stay taken.
+        horizon_seconds: how far ahead a reservation may be (default: a quarter of burst_seconds).
+    """
+
+    url: str
+    identity: str
+    max_requests_per_minute: Optional[float]
+    max_tokens_per_minute: Optional[float]
+    max_in_flight: int = 200
+    model_limits: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    burst_seconds: float = 1.0
+    target_utilization: float = 0.98
+    learn_limits: bool = False
+    lease_seconds: float = 10.0
+    horizon_seconds: Optional[float] = None
+    calls: int = field(default=0, init=False)
+    granted: int = field(default=0, init=False)
+    process_name: str = field(default="", init=False)
+    _lanes: Dict[Tuple[str, str], RedisLane] = field(default_factory=dict, init=False, repr=False)
+    _client: Any = field(default=None, init=False, repr=False)
+    _script: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # The same checks, and messages, as the in-process engine.
+        RateLimiterPool(self.max_requests_per_minute, self.max_tokens_per_minute, self.max_in_flight,
+                        self.model_limits, self.burst_seconds, self.target_utilization)
+        if urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"limiter must be a redis:// URL, got {describe_redis_url(self.url)!r}")
+        if not self.lease_seconds > 0:
+            raise ValueError(f"lease_seconds must be positive, got {self.lease_seconds!r}")
+        if self.horizon_seconds is None:
+            self.horizon_seconds = self.burst_seconds / 4
+        self.process_name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def key(self, suffix: str) -> str:
+        """A Redis key of this identity (one hash slot, so a cluster keeps them together)."""
+        return f"parallel-requests:{{{self.identity}}}:{suffix}"
+
+    def lane_for(self, model: Optional[str], endpoint: Optional[str]) -> RedisLane:
+        """The lane of a model and endpoint (made on first use)."""
+        lane_key = (model or "", endpoint or "")
+        lane = self._lanes.get(lane_key)
+        if lane is None:
+            own = self.model_limits.get(model or "", {})
+            lane = self._lanes[lane_key] = RedisLane(
+                self, self.key(f"lane:{model or '-'}:{endpoint or '-'}"),
+                own.get("requests_per_minute", self.max_requests_per_minute),
+                own.get("tokens_per_minute", self.max_tokens_per_minute),
+            )
+        return lane
+
+    @property
+    def lanes(self) -> Dict[Tuple[str, str], RedisLane]:
+        """The lanes made so far."""
+        return dict(self._lanes)
+
+    @property
+    def round_trips_per_request(self) -> float:
+        """Script calls per granted request so far."""
+        return self.calls / self.granted if self.granted else 0.0
+
+    async def check(self) -> None:
+        """Connect and ping, so a wrong URL fails at start with a clear message.
+
+        Raises:
+            LimiterUnavailable: when Redis does not answer.
+        """
+        try:
+            await self._connection().ping()
+        except (RedisError, OSError) as error:
+            raise LimiterUnavailable(f"the rate limiter {describe_redis_url(self.url)} cannot be reached: "
+                                     f"{type(error).__name__}: {error}") from None
+
+    async def run_script(self, keys: List[str], arguments: List[Any]) -> List[str]:
+        """Run the engine's script once (one round trip)."""
+        self._connection()
+        self.calls += 1
+        return await self._script(keys=keys, args=arguments)
+
+    async def aclose(self) -> None:
+        """Tell Redis the last releases, stop the dispatchers and close the connection."""
+        for lane in list(self._lanes.values()):
+            await lane.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _connection(self) -> Any:
+        if self._client is None:
+            password = os.environ.get("PARALLEL_REQUESTS_REDIS_PASSWORD")
+            options = {"password": password} if password and not urlsplit(self.url).password else {}
+            self._client = redis_asyncio.Redis.from_url(self.url, decode_responses=True, socket_timeout=10,
+                                                        socket_connect_timeout=5, **options)
+            self._script = self._client.register_script(ENGINE_SCRIPT)
+        return self._client
+
+
+def _lower(first: Optional[float], second: Optional[float]) -> Optional[float]:
+    """The lower of two limits, where None means no limit."""
+    known = [value for value in (first, second) if value is not None]
+    return min(known) if known else None
+
+
+def _finite(limit: Optional[float]) -> Optional[float]:
+    """None for no limit (math.inf), else the limit."""
+    return None if limit is None or math.isinf(limit) else limit
