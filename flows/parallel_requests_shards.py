@@ -1,12 +1,14 @@
 """The parallel-requests-shards flow, and the Dask mode: run shards of a parallel-requests run in other processes.
 
 The distributed mode of the ``parallel-requests`` flow. With ``shard_deployment`` set (and a
-shared ``limiter``), the parent flow starts one child flow run per shard with Prefect's
+shared ``limiter``), the parent flow puts the shard numbers in a queue in Redis
+(``tasks.shard_queue``) and starts one child flow run per shard with Prefect's
 ``run_deployment``. Each child run lands on whichever worker of the deployment's work pool is
-free, on any machine, and runs its shard here: its own engine connected to the shared Redis
-limits, its own HTTP session, its part file in the run's work location. The parent waits for
-every child, then assembles the output in input order and publishes the artifacts, as in the
-single-process mode.
+free, on any machine, and takes shards from the queue one at a time until it is empty: children
+that start early keep the shared limit busy while the others are still starting. Each shard runs
+here with its own engine on the shared Redis limits, its own HTTP session, and its part file in
+the run's work location. The parent waits for every child, then assembles the output in input
+order and publishes the artifacts, as in the single-process mode.
 
 Deploy it beside ``parallel-requests`` (``prefect.yaml`` has ``parallel-requests-shards/workers``),
 start as many workers as you like on the pool, and run the parent with:
@@ -17,7 +19,7 @@ start as many workers as you like on the pool, and run the parent with:
         --param shard_deployment=parallel-requests-shards/workers \\
         --param work_dir=/mnt/shared/work --param shards=16
 
-Each child writes its shard's counts beside its part (``<part>.tracker.json``), so the parent
+Each child writes a shard's counts beside its part (``<part>.tracker.json``), so the parent
 reads them from the work location whatever result storage the workers use. A child that dies
 (a killed worker) leaves its part as far as it got; the parent's run ends Failed with "rerun to
 continue", and running the same command again continues that shard where it stopped.
@@ -58,6 +60,7 @@ from tasks.shard_runner import (
     trackers_of,
     transport_params_for,
 )
+from tasks.shard_queue import ShardQueue
 from tasks.sharding import ShardSpec
 
 # How often the parent asks for a child run's state (seconds).
@@ -66,65 +69,102 @@ CHILD_POLL_SECONDS = 1.0
 
 @flow(name="parallel-requests-shards", flow_run_name=lambda: _flow_run_name(), persist_result=False)
 async def parallel_requests_shards(job: Dict[str, Any], shards: List[Dict[str, Any]], part_paths: List[str],
-                                   work_id: str) -> State:
-    """Run some shards of a parallel-requests run in this process, sharing the run's Redis limits.
+                                   work_id: str, runner: int = 1) -> State:
+    """Take shards of a parallel-requests run from its queue, one at a time, and run them here.
 
     Args:
         job: the run's settings (``ShardJob.to_dict()``), with no key in them.
-        shards: the shards to run (``ShardSpec`` fields).
+        shards: every shard of the run (``ShardSpec`` fields); the queue says which to run.
         part_paths: each shard's part file in the run's work location.
-        work_id: the run's work id.
+        work_id: the run's work id (it names the queue).
+        runner: this child's number, for its name.
 
     Returns:
-        Completed when every row of the shards has its result, Failed otherwise; the counts are
-        also written beside each part for the parent.
+        Completed when every row of the shards it took has its result, Failed otherwise; the
+        counts are also written beside each part for the parent.
     """
     logger = get_run_logger()
     shard_job = ShardJob.from_dict(job)
     specs = [ShardSpec(**shard) for shard in shards]
     api_key = await resolve_api_key(shard_job.api_key_env_var, shard_job.api_key_secret_block)
     transport_params = await transport_params_for(shard_job.aws_credentials_block)
-    progress = RunProgress(total_bytes=sum(spec.end - spec.start for spec in specs))
-    states, state = await run_shards_here(shard_job, specs, part_paths, work_id, progress, api_key, transport_params)
-    trackers = await trackers_of(states, specs, state)
-    for tracker, part_path in zip(trackers, part_paths):
-        _write_tracker(part_path, tracker, state.end_reason, state.error_examples)
-    not_sent = sum(tracker.not_sent for tracker in trackers)
-    if not_sent:
-        logger.error("%d rows not sent: %s", not_sent, state.end_reason or "stopped")
-        return Failed(message=f"{not_sent} rows not sent: {state.end_reason or 'stopped'}")
-    return Completed(message=f"{sum(tracker.rows for tracker in trackers)} rows done")
+    queue = ShardQueue(str(shard_job.engine.limiter), work_id)
+    taken: List[int] = []
+    stop_reason = None
+    try:
+        while stop_reason is None:
+            index = await queue.take()
+            if index is None:
+                break
+            taken.append(index)
+            spec, part_path = specs[index], part_paths[index]
+            progress = RunProgress(total_bytes=spec.end - spec.start)
+            states, state = await run_shards_here(shard_job, [spec], [part_path], work_id, progress, api_key,
+                                                  transport_params)
+            tracker = (await trackers_of(states, [spec], state))[0]
+            _write_tracker(part_path, tracker, state.end_reason, state.error_examples)
+            stop_reason = state.end_reason
+    finally:
+        await queue.aclose()
+    logger.info("Runner %d ran %d shard(s): %s", runner, len(taken), ", ".join(str(i + 1) for i in taken) or "none left")
+    if stop_reason:
+        logger.error("Stopped: %s", stop_reason)
+        return Failed(message=f"stopped: {stop_reason}")
+    return Completed(message=f"{len(taken)} shard(s) done")
 
 
 async def run_shards_as_child_runs(deployment: str, job: ShardJob, shards: Sequence[ShardSpec],
                                    part_paths: Sequence[str], work_id: str, progress: RunProgress) -> ShardOutcome:
-    """Run each shard as a child flow run of ``deployment`` and wait for all of them (from the parent flow).
+    """Queue the shards and start one child flow run of ``deployment`` per shard (from the parent flow).
+
+    Each child takes shards from the queue until it is empty, so children that start early keep
+    the shared limit busy while later ones start. Waits for every child.
 
     Returns:
         Each shard's counts, read from the work location, and why the run stopped early, if it did.
     """
     logger = get_run_logger()
     parameters = job.to_dict()
-
-    async def run_one(shard: ShardSpec, part_path: str) -> Any:
+    for part_path in part_paths:
         _remove_tracker(part_path)
-        child = await run_deployment(
-            deployment, parameters={"job": parameters, "shards": [asdict(shard)], "part_paths": [part_path],
-                                    "work_id": work_id},
+    queue = ShardQueue(str(job.engine.limiter), work_id)
+    try:
+        await queue.fill(range(len(shards)))
+    finally:
+        await queue.aclose()
+    shard_fields = [asdict(shard) for shard in shards]
+
+    async def run_one(runner: int) -> Any:
+        return await run_deployment(
+            deployment, parameters={"job": parameters, "shards": shard_fields, "part_paths": list(part_paths),
+                                    "work_id": work_id, "runner": runner},
             timeout=None, poll_interval=CHILD_POLL_SECONDS, as_subflow=True,
         )
-        progress.advance(shard.end - shard.start)
-        return child
 
-    logger.info("Running %d shard(s) as child runs of %s", len(shards), deployment)
-    children = await asyncio.gather(*(run_one(shard, path) for shard, path in zip(shards, part_paths)))
+    async def follow_progress() -> None:
+        finished: set = set()
+        while True:
+            await asyncio.sleep(CHILD_POLL_SECONDS)
+            for index, part_path in enumerate(part_paths):
+                if index not in finished and os.path.exists(tracker_path(part_path)):
+                    finished.add(index)
+                    progress.advance(shards[index].end - shards[index].start)
+
+    logger.info("Running %d shard(s) through %d child runs of %s", len(shards), len(shards), deployment)
+    follower = asyncio.create_task(follow_progress())
+    try:
+        children = await asyncio.gather(*(run_one(runner) for runner in range(1, len(shards) + 1)))
+    finally:
+        follower.cancel()
+    progress.advance(progress.total_bytes)  # every shard is accounted for below
+    failures = [f"child run {child.name} ended {child.state.name if child.state else 'unknown'}"
+                for child in children if not (child.state and child.state.is_completed())]
     outcome = ShardOutcome(trackers=[])
-    for shard, part_path, child in zip(shards, part_paths, children):
+    for shard, part_path in zip(shards, part_paths):
         saved = _read_tracker(part_path)
-        state_name = child.state.name if child.state else "unknown"
         if saved is None:
             outcome.stop_reason = outcome.stop_reason or (
-                f"{shard.label}: child run {child.name} ended {state_name} before finishing; rerun to continue")
+                f"{shard.label} was not finished ({'; '.join(failures) or 'no child run took it'}); rerun to continue")
             outcome.trackers.append(StatusTracker(shard=shard.index, rows=1, not_sent=1))
             continue
         tracker, stop_reason, examples = saved
@@ -225,9 +265,7 @@ def _remove_tracker(part_path: str) -> None:
 
 
 def _flow_run_name() -> str:
-    """The child run's name: input file and shards."""
+    """The child run's name: input file and runner number."""
     shards = current_flow_run.parameters.get("shards") or []
-    if shards:
-        first = shards[0]
-        return f"parallel-requests-shards {os.path.basename(str(first.get('source')))} shard {first.get('index', 0) + 1}/{first.get('count')}"
-    return "parallel-requests-shards"
+    source = os.path.basename(str(shards[0].get("source"))) if shards else "input"
+    return f"parallel-requests-shards {source} runner {current_flow_run.parameters.get('runner', 1)}/{len(shards)}"

@@ -539,12 +539,17 @@ class RedisRateLimiterPool:
 
     def _connection(self) -> Any:
         if self._client is None:
-            password = os.environ.get("PARALLEL_REQUESTS_REDIS_PASSWORD")
-            options = {"password": password} if password and not urlsplit(self.url).password else {}
-            self._client = redis_asyncio.Redis.from_url(self.url, decode_responses=True, socket_timeout=10,
-                                                        socket_connect_timeout=5, **options)
+            self._client = redis_client(self.url)
             self._script = self._client.register_script(ENGINE_SCRIPT)
         return self._client
+
+
+def redis_client(url: str) -> redis_asyncio.Redis:
+    """An asyncio Redis client for ``url``; the password, if the URL has none, from the environment."""
+    password = os.environ.get("PARALLEL_REQUESTS_REDIS_PASSWORD")
+    options = {"password": password} if password and not urlsplit(url).password else {}
+    return redis_asyncio.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
+                                        **options)
 
 
 def _lower(first: Optional[float], second: Optional[float]) -> Optional[float]:

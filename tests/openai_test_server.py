@@ -338,7 +338,14 @@ class RunningServer:
 
 
 def build_application(config: ServerConfig) -> Tuple[web.Application, OpenAITestServer]:
-    """Build the aiohttp application and its server object."""
+    """Build the aiohttp application and its server object.
+
+    Both encodings are loaded here, before the first request: loading one takes about a second,
+    and doing it inside the first request's handler would stall the server's loop, so that the
+    requests queued meanwhile would all be counted in one slice.
+    """
+    load_encoding("o200k_base")
+    load_encoding("cl100k_base")
     server = OpenAITestServer(config)
     app = server.build_app()
     app.middlewares.append(_count_successes)

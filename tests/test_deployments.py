@@ -169,14 +169,14 @@ async def test_shards_as_child_runs_on_two_workers_share_one_redis_limit(prefect
     server = api_server(api_key=KEY, requests_per_minute=6000, slice_seconds=1.0, latency_seconds=0.02,
                         latency_jitter_seconds=0.04)
     rows = [{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"pool row {i}"}], "max_tokens": 10}
-            for i in range(2400)]
+            for i in range(1200)]
     source = write_jsonl(tmp_path / "pool.jsonl", rows)
     _prefect(env, "work-pool", "create", "local", "--type", "process", "--overwrite")
     _prefect(env, "--no-prompt", "deploy", "--all")
     logs = [tmp_path / f"worker-{n}.log" for n in (1, 2)]
-    # Each worker takes at most 3 runs at once: the parent takes one slot, so the 4 child runs must spread.
+    # Each worker takes at most 2 runs at once, and the parent takes one slot: the 4 child runs must spread.
     workers = [subprocess.Popen([f"{BIN}/prefect", "worker", "start", "--pool", "local", "--name", f"worker-{n}",
-                                 "--limit", "3"],
+                                 "--limit", "2"],
                                 cwd=str(tmp_path), env=dict(env, OPENAI_API_KEY=KEY, PREFECT_WORKER_QUERY_SECONDS="1"),
                                 start_new_session=True,
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -206,14 +206,12 @@ async def test_shards_as_child_runs_on_two_workers_share_one_redis_limit(prefect
     submitted = [sum(str(child.id) in log.read_text() for child in children) for log in logs]
     assert sum(submitted) >= 4 and all(count >= 1 for count in submitted), submitted
     results = [json.loads(line) for line in open(tmp_path / "pool_results.jsonl")]
-    assert [line[0]["messages"][0]["content"] for line in results] == [f"pool row {i}" for i in range(2400)]
+    assert [line[0]["messages"][0]["content"] for line in results] == [f"pool row {i}" for i in range(1200)]
     assert all(line[1]["choices"][0]["message"]["content"] == "echo: " + line[0]["messages"][0]["content"]
                for line in results)
     table = json.loads({artifact.key: artifact for artifact in artifacts}["parallel-requests-shards"].data)
-    assert sum(row["succeeded"] for row in table) == 2400
+    assert sum(row["succeeded"] for row in table) == 1200
     stats = server.stats()
-    # Known gap (issue 6 stays open on it): on this 2-core machine, four child processes starting at
-    # once stall each other, and the first seconds bring 0.7-2.2% of 429 answers instead of at most 1%.
-    assert stats["rate_limited"] <= 0.03 * stats["requests"], stats
+    assert stats["rate_limited"] <= 0.01 * stats["requests"], stats
     assert stats["max_accepted_in_slice"] <= 100, stats
     assert stats["accepted_per_minute"] >= 0.9 * 6000, stats
