@@ -61,6 +61,19 @@ FALLBACK_REQUESTS_PER_MINUTE = 3_000 * 0.5
 FALLBACK_TOKENS_PER_MINUTE = 250_000 * 0.5
 
 
+def limit_when_unsaid(limits: Any, scope: str) -> float:
+    """The per-minute limit to assume for ``scope`` ("requests" or "tokens") when an answer states none.
+
+    A server that states its limit of the other kind has no limit of this kind (math.inf). A
+    server that states no limit at all (or sends only remaining counts, as Azure does) gets the
+    Cookbook's defaults.
+    """
+    other = "tokens" if scope == "requests" else "requests"
+    if getattr(limits, f"limit_{other}", None):
+        return math.inf
+    return FALLBACK_REQUESTS_PER_MINUTE if scope == "requests" else FALLBACK_TOKENS_PER_MINUTE
+
+
 class RequestNeverFits(ValueError):
     """Raised for a request whose token estimate is above the per-minute token limit."""
 
@@ -296,7 +309,7 @@ class RateLimiter:
                 self._set_bucket_rate(bucket, _lower(configured, server_limit), now)
             elif server_limit is None and learned is None and configured is None and self.learn_limits:
                 # The server does not say its limit: fall back to the Cookbook's defaults, once.
-                fallback = FALLBACK_REQUESTS_PER_MINUTE if scope == "requests" else FALLBACK_TOKENS_PER_MINUTE
+                fallback = limit_when_unsaid(limits, scope)
                 setattr(self, f"learned_{scope}_per_minute", fallback)
                 self._set_bucket_rate(bucket, fallback, now)
             if remaining is not None and not bucket.unlimited:

@@ -66,12 +66,11 @@ from redis.exceptions import RedisError
 
 # Local application imports
 from tasks.rate_limiter import (
-    FALLBACK_REQUESTS_PER_MINUTE,
-    FALLBACK_TOKENS_PER_MINUTE,
     LEARNING_REQUESTS_PER_MINUTE,
     LEARNING_TOKENS_PER_MINUTE,
     RateLimiterPool,
     RequestNeverFits,
+    limit_when_unsaid,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -215,7 +214,7 @@ class RedisLane:
     def observe(self, limits: Any) -> None:
         """Follow an answer's ``x-ratelimit-*`` headers (a ``ServerLimits``), or their absence (None)."""
         values: List[float] = []
-        for scope, fallback in (("requests", FALLBACK_REQUESTS_PER_MINUTE), ("tokens", FALLBACK_TOKENS_PER_MINUTE)):
+        for scope in ("requests", "tokens"):
             limit = getattr(limits, f"limit_{scope}", None)
             remaining = getattr(limits, f"remaining_{scope}", None)
             reset = getattr(limits, f"reset_{scope}_seconds", None)
@@ -223,7 +222,7 @@ class RedisLane:
                 setattr(self, f"learned_{scope}_per_minute", float(limit))
             elif (getattr(self, f"learned_{scope}_per_minute") is None and self.pool.learn_limits
                   and getattr(self, f"max_{scope}_per_minute") is None):
-                setattr(self, f"learned_{scope}_per_minute", fallback)  # the server does not say: the Cookbook's
+                setattr(self, f"learned_{scope}_per_minute", limit_when_unsaid(limits, scope))
             values += [float(limit) if limit else -1.0, float(remaining) if remaining is not None else -1.0,
                        float(reset) if reset else -1.0]
         if any(value >= 0 for value in values):
@@ -322,6 +321,8 @@ class RedisLane:
         if configured is not None and math.isinf(configured):
             return -1.0, False
         limit = _lower(configured, learned)
+        if limit is not None and math.isinf(limit):
+            return -1.0, False
         if limit is None:
             if not self.pool.learn_limits:
                 return -1.0, False
@@ -401,9 +402,13 @@ class RedisLane:
         """Hand out the grants of a reply, and note when to ask again."""
         assert self._loop is not None
         granted, wait, blocked = int(reply[0]), float(reply[1]), reply[2]
+        learned_before = (self.learned_requests_per_minute, self.learned_tokens_per_minute)
         for scope, value in (("requests", float(reply[3])), ("tokens", float(reply[4]))):
             if value > 0:
                 setattr(self, f"learned_{scope}_per_minute", value)
+        if (self.learned_requests_per_minute, self.learned_tokens_per_minute) != learned_before and blocked == "rate":
+            # The wait was reckoned at this process's cautious learning rate; ask again at the real one.
+            blocked, wait = "", 0.0
         self.pool.granted += granted
         for waiter, delay in zip(batch[:granted], reply[5:5 + granted]):
             self._waiters.popleft()

@@ -36,12 +36,14 @@ def _three_files(tmp_path: Any, count: int) -> Dict[str, List[Dict[str, Any]]]:
     return files
 
 
-def _start(source: str, server_url: str, redis_url: str, prefect_api_url: str) -> subprocess.Popen:
+def _start(source: str, server_url: str, redis_url: str, prefect_api_url: str, limits: bool = True) -> subprocess.Popen:
+    """One command-line run on the shared limiter; without ``limits``, the limits are learned from the server."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
     env.update(OPENAI_API_KEY=KEY, PREFECT_API_URL=prefect_api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
     command = [CLI, "--requests_filepath", source, "--request_url", f"{server_url}/v1/chat/completions",
-               "--max_requests_per_minute", "6000", "--max_tokens_per_minute", "10000000",
                "--limiter", redis_url, "--logging_level", "WARNING"]
+    if limits:
+        command += ["--max_requests_per_minute", "6000", "--max_tokens_per_minute", "10000000"]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -53,10 +55,13 @@ def _check_output(source: str, rows: List[Dict[str, Any]]) -> None:
         assert line[1]["choices"][0]["message"]["content"] == "echo: " + row["messages"][0]["content"]
 
 
-def test_three_processes_share_one_limit(prefect_api_url, api_server, redis_url, tmp_path) -> None:
+def test_three_processes_share_one_limit_they_learn_from_the_server(prefect_api_url, api_server, redis_url,
+                                                                    tmp_path) -> None:
+    # No limits given: each process starts cautiously, and the first answer's headers (6,000 RPM, no
+    # token limit) are shared through Redis. (The kill test below gives the limits on the command line.)
     server = _server(api_server)
     files = _three_files(tmp_path, 700)
-    processes = [_start(source, server.url, redis_url, prefect_api_url) for source in files]
+    processes = [_start(source, server.url, redis_url, prefect_api_url, limits=False) for source in files]
     for process in processes:
         out, err = process.communicate(timeout=240)
         assert process.returncode == 0, err[-3000:]
