@@ -13,7 +13,8 @@ between two hosts that are really one account.
 How a request gets its capacity:
     - Each lane (model and endpoint) of each process keeps a local first-in-first-out line and one
       dispatcher task. The dispatcher sends the head of the line (up to 64 requests) in one script
-      call. The script grants as many as fit and gives each a reservation: a delay of at most
+      call. The script grants as many as fit, at most a fair share (a horizon's worth of requests
+      over the live processes), and gives each a reservation: a delay of at most
       ``horizon_seconds``, after which it goes. Processes never race for each token, and a busy
       process makes far fewer than one call per request.
     - Releases (a request answered), refunds (usage below the estimate), 429 slow-downs and the
