@@ -1,8 +1,8 @@
 """Serve the deployments of prefect.yaml, with their schedules, without a work pool or a worker.
 
 ``flow.serve`` (here ``prefect.serve``) is Prefect's no-work-pool way to run deployments. This
-process polls the Prefect API and runs scheduled and triggered runs of the ``parallel-requests``
-flow itself. It reads the deployments (names, parameters, cron schedules, tags, descriptions)
+process polls the Prefect API and runs scheduled and triggered runs of the flows
+(``parallel-requests``, and ``parallel-requests-shards`` for distributed runs) itself. It reads the deployments (names, parameters, cron schedules, tags, descriptions)
 from ``prefect.yaml``, so the two ways of deploying never drift apart.
 
 Usage (from the repository root):
@@ -25,12 +25,12 @@ from typing import Any, Dict, List, Optional
 # Third-party imports
 import yaml
 from prefect import serve
+from prefect.flows import load_flow_from_entrypoint
 from prefect.schedules import Cron
 
 # Local application imports
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from flows.parallel_requests import parallel_requests  # noqa: E402  (the repository root is on the path now)
 
 
 def served_deployments(config_path: str, only: Optional[List[str]] = None) -> List[Any]:
@@ -51,7 +51,8 @@ def served_deployments(config_path: str, only: Optional[List[str]] = None) -> Li
             continue
         schedules = [Cron(schedule["cron"], timezone=schedule.get("timezone"))
                      for schedule in spec.get("schedules") or [] if schedule.get("active", True)]
-        deployments.append(parallel_requests.to_deployment(
+        flow = load_flow_from_entrypoint(os.path.join(ROOT, spec["entrypoint"]))
+        deployments.append(flow.to_deployment(
             name=spec["name"],
             description=spec.get("description"),
             tags=spec.get("tags"),

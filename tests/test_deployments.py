@@ -215,3 +215,16 @@ async def test_shards_as_child_runs_on_two_workers_share_one_redis_limit(prefect
     assert stats["rate_limited"] <= 0.01 * stats["requests"], stats
     assert stats["max_accepted_in_slice"] <= 100, stats
     assert stats["accepted_per_minute"] >= 0.9 * 6000, stats
+
+
+def test_serve_builds_every_deployment_of_prefect_yaml_with_its_own_flow() -> None:
+    sys.path.insert(0, os.path.join(ROOT, "deployments"))
+    try:
+        from serve import served_deployments
+    finally:
+        sys.path.pop(0)
+    built = {deployment.name: deployment for deployment in served_deployments(os.path.join(ROOT, "prefect.yaml"))}
+    assert set(built) == {"adhoc", "nightly-example", "workers"}
+    assert built["workers"].flow_name == "parallel-requests-shards"
+    assert built["adhoc"].flow_name == "parallel-requests"
+    assert [schedule.schedule.cron for schedule in built["nightly-example"].schedules] == ["0 2 * * *"]
