@@ -64,7 +64,8 @@ def _process(redis_url: Optional[str], identity: str, limit: Optional[float], ar
              start_at: float, results: Any) -> None:
     """One benchmark process: wait for the common start, drive the engine, report."""
     if redis_url:
-        pool: Any = RedisRateLimiterPool(redis_url, identity, limit, float("inf"), max_in_flight=args["in_flight"])
+        pool: Any = RedisRateLimiterPool(limit, float("inf"), max_in_flight=args["in_flight"], url=redis_url,
+                                         identity=identity)
     else:
         pool = RateLimiterPool(limit, float("inf"), max_in_flight=args["in_flight"])
     time.sleep(max(0.0, start_at - time.time()))

@@ -50,7 +50,8 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
     args = parse_arguments(argv)
     try:
         validate_settings(args.max_requests_per_minute, args.max_tokens_per_minute, args.max_attempts,
-                          args.max_in_flight, args.shards, args.burst_seconds, args.target_utilization)
+                          args.max_in_flight, args.shards, args.burst_seconds, args.target_utilization,
+                          args.limiter, args.shard_deployment, args.dask_cluster)
         _check_input(args.requests_filepath)
     except (ValueError, OSError) as error:
         print(f"parallel-requests: error: {error}", file=sys.stderr)
@@ -163,10 +164,6 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="run each shard as a task on a Dask cluster (prefect-dask): 'local', 'local:N' worker processes, "
              "or a scheduler address such as tcp://10.0.0.5:8786 (needs --limiter)")
     args = parser.parse_args(argv)
-    if (args.shard_deployment or args.dask_cluster) and not args.limiter:
-        parser.error("--shard-deployment and --dask-cluster need --limiter: the processes must share one rate limit")
-    if args.limiter and not args.limiter.startswith(("redis://", "rediss://", "unix://")):
-        parser.error(f"--limiter must be a redis:// URL, got {args.limiter.split('@')[-1]!r}")
     if args.api_key is None:
         args.api_key = os.environ.get("OPENAI_API_KEY")
     return args
@@ -174,7 +171,8 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_minute: Optional[float],
                       max_attempts: int, max_in_flight: int, shards: Optional[int], burst_seconds: float,
-                      target_utilization: float = 0.98) -> None:
+                      target_utilization: float = 0.98, limiter: Optional[str] = None,
+                      shard_deployment: Optional[str] = None, dask_cluster: Optional[str] = None) -> None:
     """Reject settings the run cannot work with, before anything is sent.
 
     Raises:
@@ -194,6 +192,10 @@ def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_m
         raise ValueError(f"burst_seconds must be positive, got {burst_seconds}")
     if not 0 < target_utilization <= 1:
         raise ValueError(f"target_utilization must be above 0 and at most 1, got {target_utilization}")
+    if (shard_deployment or dask_cluster) and not limiter:
+        raise ValueError("shard_deployment and dask_cluster need limiter: the processes must share one rate limit")
+    if limiter and not limiter.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"limiter must be a redis:// URL, got {limiter.rpartition('@')[2]!r}")
 
 
 def default_save_path(requests_filepath: str) -> str:

@@ -58,7 +58,6 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed, State
 
 # Local application imports
-from flows.parallel_requests_shards import run_shards_as_child_runs, run_shards_on_dask
 from flows.command_line import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_IN_FLIGHT,
@@ -66,6 +65,7 @@ from flows.command_line import (
     main,
     validate_settings,
 )
+from flows.parallel_requests_shards import run_shards_as_child_runs, run_shards_on_dask
 from tasks.metrics import (
     RunProgress,
     RunSummary,
@@ -76,12 +76,11 @@ from tasks.metrics import (
 )
 from tasks.dry_run import plan_dry_run
 from tasks.pricing import PriceTable
-from tasks.rate_limiter import FALLBACK_REQUESTS_PER_MINUTE, FALLBACK_TOKENS_PER_MINUTE
+from tasks.rate_limiter import FALLBACK_REQUESTS_PER_MINUTE, FALLBACK_TOKENS_PER_MINUTE, RateLimiterPool
 from tasks.redis_rate_limiter import LimiterUnavailable, RedisRateLimiterPool, describe_redis_url
 from tasks.request_formats import DEFAULT_REQUEST_URL, detect_shape
 from tasks.results_storage import PartInfo, assemble_output
 from tasks.shard_runner import (
-    EnginePool,
     EngineSettings,
     ShardJob,
     ShardOutcome,
@@ -192,9 +191,7 @@ async def parallel_requests(
     logger = get_run_logger()
     started = time.monotonic()
     validate_settings(max_requests_per_minute, max_tokens_per_minute, max_attempts, max_in_flight, shards,
-                      burst_seconds, target_utilization)
-    if (shard_deployment or dask_cluster) and not limiter:
-        raise ValueError("shard_deployment and dask_cluster need limiter: the processes must share one rate limit")
+                      burst_seconds, target_utilization, limiter, shard_deployment, dask_cluster)
     api_key = await resolve_api_key(api_key_env_var, api_key_secret_block)
     save_filepath = save_filepath or default_save_path(requests_filepath)
     transport_params = await transport_params_for(aws_credentials_block)
@@ -341,7 +338,7 @@ def _read_model_limits(model_limits: Any) -> Dict[str, Dict[str, float]]:
     return {str(model): dict(limits) for model, limits in dict(model_limits).items()}
 
 
-def _learned(pool: EnginePool, scope: str) -> Optional[float]:
+def _learned(pool: RateLimiterPool, scope: str) -> Optional[float]:
     """The limit the server said, when every model's lane heard the same one (the usual single-model run)."""
     values = {lane.learned_limit(scope) for lane in pool.lanes.values()}
     return values.pop() if len(values) == 1 else None

@@ -42,7 +42,7 @@ import asyncio
 import json
 import os
 from dataclasses import asdict
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 # Third-party imports
 from prefect import flow, get_run_logger, task
@@ -97,13 +97,10 @@ async def parallel_requests_shards(job: Dict[str, Any], shards: List[Dict[str, A
             if index is None:
                 break
             taken.append(index)
-            spec, part_path = specs[index], part_paths[index]
-            progress = RunProgress(total_bytes=spec.end - spec.start)
-            states, state = await run_shards_here(shard_job, [spec], [part_path], work_id, progress, api_key,
-                                                  transport_params)
-            tracker = (await trackers_of(states, [spec], state))[0]
-            _write_tracker(part_path, tracker, state.end_reason, state.error_examples)
-            stop_reason = state.end_reason
+            record = await _run_one_shard(shard_job, specs[index], part_paths[index], work_id, api_key,
+                                          transport_params)
+            _write_record(part_paths[index], record)
+            stop_reason = record["stop_reason"]
     finally:
         await queue.aclose()
     logger.info("Runner %d ran %d shard(s): %s", runner, len(taken), ", ".join(str(i + 1) for i in taken) or "none left")
@@ -159,32 +156,17 @@ async def run_shards_as_child_runs(deployment: str, job: ShardJob, shards: Seque
     progress.advance(progress.total_bytes)  # every shard is accounted for below
     failures = [f"child run {child.name} ended {child.state.name if child.state else 'unknown'}"
                 for child in children if not (child.state and child.state.is_completed())]
-    outcome = ShardOutcome(trackers=[])
-    for shard, part_path in zip(shards, part_paths):
-        saved = _read_tracker(part_path)
-        if saved is None:
-            outcome.stop_reason = outcome.stop_reason or (
-                f"{shard.label} was not finished ({'; '.join(failures) or 'no child run took it'}); rerun to continue")
-            outcome.trackers.append(StatusTracker(shard=shard.index, rows=1, not_sent=1))
-            continue
-        tracker, stop_reason, examples = saved
-        outcome.trackers.append(tracker)
-        outcome.stop_reason = outcome.stop_reason or stop_reason
-        outcome.error_examples += [example for example in examples if example not in outcome.error_examples]
-    return outcome
+    return _outcome_of(shards, [_read_record(part_path) for part_path in part_paths],
+                       f"was not finished ({'; '.join(failures) or 'no child run took it'})")
 
 
 @task(name="process-shard-elsewhere", persist_result=False, task_run_name="{shard[source]} shard {shard[index]}")
 async def process_shard_elsewhere(job: Dict[str, Any], shard: Dict[str, Any], part_path: str, work_id: str) -> Dict[str, Any]:
     """Run one shard in this (Dask worker) process, sharing the run's Redis limits; return its counts."""
     shard_job = ShardJob.from_dict(job)
-    spec = ShardSpec(**shard)
     api_key = await resolve_api_key(shard_job.api_key_env_var, shard_job.api_key_secret_block)
     transport_params = await transport_params_for(shard_job.aws_credentials_block)
-    progress = RunProgress(total_bytes=spec.end - spec.start)
-    states, state = await run_shards_here(shard_job, [spec], [part_path], work_id, progress, api_key, transport_params)
-    trackers = await trackers_of(states, [spec], state)
-    return {"tracker": asdict(trackers[0]), "stop_reason": state.end_reason, "error_examples": state.error_examples}
+    return await _run_one_shard(shard_job, ShardSpec(**shard), part_path, work_id, api_key, transport_params)
 
 
 async def run_shards_on_dask(cluster: str, job: ShardJob, shards: Sequence[ShardSpec], part_paths: Sequence[str],
@@ -212,19 +194,13 @@ async def run_shards_on_dask(cluster: str, job: ShardJob, shards: Sequence[Shard
         futures = [runner.submit(process_shard_elsewhere, parameters={"job": parameters, "shard": asdict(shard),
                                                                        "part_path": part_path, "work_id": work_id})
                    for shard, part_path in zip(shards, part_paths)]
-        outcome = ShardOutcome(trackers=[])
+        records: List[Optional[Dict[str, Any]]] = []
         for shard, future in zip(shards, futures):
             await asyncio.to_thread(future.wait)
             progress.advance(shard.end - shard.start)
             value = await future.state.aresult(raise_on_failure=False) if future.state else None
-            if not isinstance(value, dict):
-                outcome.stop_reason = outcome.stop_reason or f"{shard.label} failed on Dask: {value!r}; rerun to continue"
-                outcome.trackers.append(StatusTracker(shard=shard.index, rows=1, not_sent=1))
-                continue
-            outcome.trackers.append(StatusTracker(**value["tracker"]))
-            outcome.stop_reason = outcome.stop_reason or value["stop_reason"]
-            outcome.error_examples += [text for text in value["error_examples"] if text not in outcome.error_examples]
-    return outcome
+            records.append(value if isinstance(value, dict) else None)
+    return _outcome_of(shards, records, "failed on Dask")
 
 
 # Helpers
@@ -235,25 +211,48 @@ def tracker_path(part_path: str) -> str:
     return f"{part_path}.tracker.json"
 
 
-def _write_tracker(part_path: str, tracker: StatusTracker, stop_reason: Any, examples: List[str]) -> None:
-    """Write a shard's counts atomically beside its part."""
+async def _run_one_shard(job: ShardJob, shard: ShardSpec, part_path: str, work_id: str, api_key: Optional[str],
+                         transport_params: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Run one shard in this process; its record: counts, stop reason and error examples (JSON-safe)."""
+    progress = RunProgress(total_bytes=shard.end - shard.start)
+    states, state = await run_shards_here(job, [shard], [part_path], work_id, progress, api_key, transport_params)
+    tracker = (await trackers_of(states, [shard], state))[0]
+    return {"tracker": asdict(tracker), "stop_reason": state.end_reason, "error_examples": state.error_examples}
+
+
+def _outcome_of(shards: Sequence[ShardSpec], records: Sequence[Optional[Dict[str, Any]]], missing: str) -> ShardOutcome:
+    """The run's outcome from each shard's record; a shard with none has its rows not sent (``missing`` says why)."""
+    outcome = ShardOutcome(trackers=[])
+    for shard, record in zip(shards, records):
+        if record is None:
+            outcome.stop_reason = outcome.stop_reason or f"{shard.label} {missing}; rerun to continue"
+            outcome.trackers.append(StatusTracker(shard=shard.index, rows=1, not_sent=1))
+            continue
+        outcome.trackers.append(StatusTracker(**record["tracker"]))
+        outcome.stop_reason = outcome.stop_reason or record.get("stop_reason")
+        outcome.error_examples += [text for text in record.get("error_examples") or []
+                                   if text not in outcome.error_examples]
+    return outcome
+
+
+def _write_record(part_path: str, record: Dict[str, Any]) -> None:
+    """Write a shard's record atomically beside its part, for the parent."""
     path = tracker_path(part_path)
     temporary = f"{path}.tmp-{os.getpid()}"
     with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump({"tracker": asdict(tracker), "stop_reason": stop_reason, "error_examples": examples}, handle)
+        json.dump(record, handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
 
 
-def _read_tracker(part_path: str) -> Any:
-    """A shard's counts, stop reason and error examples, or None when its child run left none."""
+def _read_record(part_path: str) -> Optional[Dict[str, Any]]:
+    """A shard's record, or None when no child run left one."""
     try:
         with open(tracker_path(part_path), encoding="utf-8") as handle:
-            saved = json.load(handle)
+            return json.load(handle)
     except (OSError, ValueError):
         return None
-    return StatusTracker(**saved["tracker"]), saved.get("stop_reason"), list(saved.get("error_examples") or [])
 
 
 def _remove_tracker(part_path: str) -> None:

@@ -308,7 +308,7 @@ class RateLimiter:
                 setattr(self, f"learned_{scope}_per_minute", server_limit)
                 self._set_bucket_rate(bucket, _lower(configured, server_limit), now)
             elif server_limit is None and learned is None and configured is None and self.learn_limits:
-                # The server does not say its limit: fall back to the Cookbook's defaults, once.
+                # The server does not state this limit: none if it states the other kind, else the Cookbook's.
                 fallback = limit_when_unsaid(limits, scope)
                 setattr(self, f"learned_{scope}_per_minute", fallback)
                 self._set_bucket_rate(bucket, fallback, now)

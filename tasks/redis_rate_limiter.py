@@ -34,7 +34,8 @@ How a request gets its capacity:
       follows them, and a 429 seen by one process slows them all.
 
 Usage:
-    >>> pool = RedisRateLimiterPool("redis://127.0.0.1:6379/0", limiter_identity(url, key), 6_000, 1_000_000)
+    >>> pool = RedisRateLimiterPool(6_000, 1_000_000, url="redis://127.0.0.1:6379/0",
+    ...                             identity=limiter_identity(request_url, key))
     >>> lane = pool.lane_for("gpt-4o-mini", "chat/completions")
     >>> await lane.acquire(tokens)          # waits for a shared reservation
     >>> lane.release(tokens)                # when the answer has arrived
@@ -444,44 +445,33 @@ class RedisLane:
                 waiter.future.set_exception(failure)
 
 
-@dataclass
-class RedisRateLimiterPool:
+@dataclass(kw_only=True)
+class RedisRateLimiterPool(RateLimiterPool):
     """Shared buckets per (model, endpoint) and one shared in-flight cap, kept in Redis.
 
-    The same interface as ``tasks.rate_limiter.RateLimiterPool``: ``lane_for(model, endpoint)``.
+    A ``RateLimiterPool`` (same limits, same checks, same ``lane_for(model, endpoint)``) whose lanes
+    live in Redis. Its own fields are keyword-only.
 
     Attributes:
         url: the Redis URL, ``redis://host:port/db`` (``rediss://`` for TLS).
         identity: the shared name (see ``limiter_identity``).
-        max_requests_per_minute, max_tokens_per_minute, max_in_flight, model_limits, burst_seconds,
-            target_utilization, learn_limits: as for RateLimiterPool; max_in_flight is shared by
-            every process of the identity.
         lease_seconds: how long a dead process's in-flight slots stay taken.
         horizon_seconds: how far ahead a reservation may be (default: a quarter of burst_seconds).
+        The limits are RateLimiterPool's; max_in_flight is shared by every process of the identity.
     """
 
     url: str
     identity: str
-    max_requests_per_minute: Optional[float]
-    max_tokens_per_minute: Optional[float]
-    max_in_flight: int = 200
-    model_limits: Dict[str, Dict[str, float]] = field(default_factory=dict)
-    burst_seconds: float = 1.0
-    target_utilization: float = 0.98
-    learn_limits: bool = False
     lease_seconds: float = 10.0
     horizon_seconds: Optional[float] = None
     calls: int = field(default=0, init=False)
     granted: int = field(default=0, init=False)
     process_name: str = field(default="", init=False)
-    _lanes: Dict[Tuple[str, str], RedisLane] = field(default_factory=dict, init=False, repr=False)
     _client: Any = field(default=None, init=False, repr=False)
     _script: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # The same checks, and messages, as the in-process engine.
-        RateLimiterPool(self.max_requests_per_minute, self.max_tokens_per_minute, self.max_in_flight,
-                        self.model_limits, self.burst_seconds, self.target_utilization)
+        super().__post_init__()  # the same checks, and messages, as the in-process engine
         if urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"limiter must be a redis:// URL, got {describe_redis_url(self.url)!r}")
         if not self.lease_seconds > 0:
@@ -506,11 +496,6 @@ class RedisRateLimiterPool:
                 own.get("tokens_per_minute", self.max_tokens_per_minute),
             )
         return lane
-
-    @property
-    def lanes(self) -> Dict[Tuple[str, str], RedisLane]:
-        """The lanes made so far."""
-        return dict(self._lanes)
 
     @property
     def round_trips_per_request(self) -> float:

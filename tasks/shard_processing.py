@@ -36,7 +36,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 # Third-party imports
 from prefect import get_run_logger, task
@@ -48,7 +48,7 @@ from tasks.api_client import ApiClient, ApiResult, Outcome, backoff_seconds
 from tasks.metrics import RunProgress, StatusTracker
 from tasks.pricing import PriceTable
 from tasks.rate_limiter import RateLimiterPool, RequestLane, RequestNeverFits
-from tasks.redis_rate_limiter import LimiterUnavailable, RedisRateLimiterPool
+from tasks.redis_rate_limiter import LimiterUnavailable
 from tasks.request_formats import InvalidLine, ParsedRequest, RequestShape, format_result, parse_line
 from tasks.results_storage import PartWriter, read_part_state
 from tasks.sharding import ShardSpec, iter_shard_lines
@@ -126,7 +126,7 @@ class RunSettings:
 class SharedRunState:
     """The live objects every shard of a run shares. They all belong to the flow's event loop."""
 
-    def __init__(self, settings: RunSettings, limiter: Union[RateLimiterPool, RedisRateLimiterPool], client: ApiClient,
+    def __init__(self, settings: RunSettings, limiter: RateLimiterPool, client: ApiClient,
                  estimator: Optional[TokenEstimator], progress: RunProgress,
                  transport_params: Optional[Dict[str, Any]] = None, prices: Optional[PriceTable] = None,
                  budget_usd: Optional[float] = None) -> None:

@@ -19,7 +19,7 @@ import asyncio
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 # Third-party imports
 import aiohttp
@@ -36,9 +36,6 @@ from tasks.request_formats import RequestShape
 from tasks.shard_processing import RunSettings, SharedRunState, process_shard
 from tasks.sharding import ShardSpec
 from tasks.token_estimation import TokenEstimator
-
-EnginePool = Union[RateLimiterPool, RedisRateLimiterPool]
-
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -63,16 +60,14 @@ class EngineSettings:
     limiter: Optional[str] = None
     limiter_name: Optional[str] = None
 
-    def build(self, request_url: str, api_key: Optional[str]) -> EnginePool:
+    def build(self, request_url: str, api_key: Optional[str]) -> RateLimiterPool:
         """The engine: in this process, or in Redis when ``limiter`` is set."""
+        limits = (self.max_requests_per_minute, self.max_tokens_per_minute, self.max_in_flight, self.model_limits,
+                  self.burst_seconds, self.target_utilization, self.learn_limits)
         if self.limiter:
-            return RedisRateLimiterPool(
-                self.limiter, limiter_identity(request_url, api_key, self.limiter_name),
-                self.max_requests_per_minute, self.max_tokens_per_minute, self.max_in_flight,
-                self.model_limits, self.burst_seconds, self.target_utilization, self.learn_limits,
-            )
-        return RateLimiterPool(self.max_requests_per_minute, self.max_tokens_per_minute, self.max_in_flight,
-                               self.model_limits, self.burst_seconds, self.target_utilization, self.learn_limits)
+            return RedisRateLimiterPool(*limits, url=self.limiter,
+                                        identity=limiter_identity(request_url, api_key, self.limiter_name))
+        return RateLimiterPool(*limits)
 
     @property
     def needs_estimates(self) -> bool:
@@ -132,7 +127,7 @@ class ShardJob:
 async def run_shards_here(job: ShardJob, shards: Sequence[ShardSpec], part_paths: Sequence[str], work_id: str,
                           progress: RunProgress, api_key: Optional[str],
                           transport_params: Optional[Dict[str, Any]] = None,
-                          engine: Optional[EnginePool] = None) -> Tuple[List[State], SharedRunState]:
+                          engine: Optional[RateLimiterPool] = None) -> Tuple[List[State], SharedRunState]:
     """Run shards as async Prefect tasks on this event loop, sharing one engine and one HTTP session.
 
     Args:

@@ -106,6 +106,8 @@ def test_dashed_flags_and_python_dash_m(prefect_api_url, api_server, tmp_path) -
         (["--max_requests_per_minute", "0"], "max_requests_per_minute must be positive"),
         (["--max_tokens_per_minute", "-10"], "max_tokens_per_minute must be positive"),
         (["--max_attempts", "0"], "max_attempts must be at least 1"),
+        (["--shard-deployment", "parallel-requests-shards/workers"], "need limiter"),
+        (["--limiter", "http://:pw@127.0.0.1:6379"], "limiter must be a redis:// URL, got '127.0.0.1:6379'"),
     ],
 )
 def test_bad_settings_exit_2_with_one_line(tmp_path, arguments: List[str], message: str) -> None:

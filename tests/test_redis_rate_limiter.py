@@ -22,7 +22,7 @@ from tasks.redis_rate_limiter import (
 
 def _pool(redis_url: str, name: str, rpm=None, tpm=None, **options) -> RedisRateLimiterPool:
     """One 'process' of a shared identity (each pool has its own process name)."""
-    return RedisRateLimiterPool(redis_url, name, rpm, tpm, **options)
+    return RedisRateLimiterPool(rpm, tpm, url=redis_url, identity=name, **options)
 
 
 def _max_in_any_second(times: List[float]) -> int:
