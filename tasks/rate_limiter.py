@@ -49,7 +49,7 @@ import collections
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Deque, Dict, Optional, Tuple
+from typing import Any, AsyncIterator, Deque, Dict, Optional, Protocol, Tuple
 
 # A float tolerance, so that a bucket refilled to 0.9999999999 of a request still serves it.
 _EPSILON = 1e-9
@@ -482,6 +482,38 @@ class RequestLane:
         self.buckets.refund_tokens(tokens)
 
 
+class Lane(Protocol):
+    """What the shard worker needs of one model's (and endpoint's) way through an engine.
+
+    ``RequestLane`` (this module, in-process) and ``tasks.redis_rate_limiter.RedisLane`` (shared
+    through Redis) both have it.
+    """
+
+    async def acquire(self, tokens: float) -> None:
+        """Wait for the request's capacity and in-flight slot (raises RequestNeverFits at once)."""
+
+    def try_take_buckets(self, tokens: float) -> bool:
+        """Take the capacity now if it is there; never waits. True must be followed by ``take_slot``."""
+
+    async def take_slot(self) -> None:
+        """Wait for an in-flight slot after ``try_take_buckets`` said True."""
+
+    def release(self, tokens: float = 0.0) -> None:
+        """Give back the request's in-flight slot once its answer has arrived."""
+
+    def observe(self, limits: Any) -> None:
+        """Follow an answer's ``x-ratelimit-*`` headers (or their absence: None)."""
+
+    def slow_down(self, requests: bool = True, tokens: bool = True) -> None:
+        """Empty the buckets after a 429."""
+
+    def refund_tokens(self, tokens: float) -> None:
+        """Give the token bucket back what a request reserved but did not use."""
+
+    def learned_limit(self, scope: str) -> Optional[float]:
+        """The limit the server said for ``scope`` ("requests" or "tokens"), if any."""
+
+
 @dataclass
 class RateLimiterPool:
     """One bucket pair per (model, endpoint), as OpenAI limits each model, and one in-flight cap for all.
@@ -501,7 +533,7 @@ class RateLimiterPool:
     burst_seconds: float = 1.0
     target_utilization: float = 0.98
     learn_limits: bool = False
-    _lanes: Dict[Tuple[str, str], RequestLane] = field(default_factory=dict, init=False, repr=False)
+    _lanes: Dict[Tuple[str, str], Lane] = field(default_factory=dict, init=False, repr=False)
     _in_flight: Optional[RateLimiter] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -514,7 +546,7 @@ class RateLimiterPool:
         RateLimiter(self.max_requests_per_minute, self.max_tokens_per_minute, self.max_in_flight,
                     self.burst_seconds, self.target_utilization)
 
-    def lane_for(self, model: Optional[str], endpoint: Optional[str]) -> RequestLane:
+    def lane_for(self, model: Optional[str], endpoint: Optional[str]) -> Lane:
         """The lane of a model and endpoint (made on first use)."""
         key = (model or "", endpoint or "")
         lane = self._lanes.get(key)
@@ -531,7 +563,7 @@ class RateLimiterPool:
         return lane
 
     @property
-    def lanes(self) -> Dict[Tuple[str, str], RequestLane]:
+    def lanes(self) -> Dict[Tuple[str, str], Lane]:
         """The lanes made so far."""
         return dict(self._lanes)
 

@@ -13,20 +13,22 @@
 -- KEYS[5] identity lane set: every lane flight hash, so a dead process's counts can be freed
 --
 -- ARGV: 1 process, 2 lease seconds, 3 max in flight, 4 requests per minute (-1: unlimited),
---   5 tokens per minute (-1: unlimited), 6 burst seconds, 7 horizon seconds, 8 which buckets start full ("r", "t", "rt" or "-"),
+--   5 tokens per minute (-1: unlimited), 6 bucket depth in seconds, 7 horizon seconds, 8 which buckets start full ("r", "t", "rt" or "-"),
 --   9 released requests, 10 released tokens, 11 refunded tokens, 12 slow requests (0/1),
 --   13 slow tokens (0/1), 14..19 headers: limit, remaining, reset for requests then tokens
---   (-1: absent), 20.. the token estimates of the requests waiting, head first.
+--   (-1: absent), 20 how many reservations this process holds that are not yet due,
+--   21.. the token estimates of the requests waiting, head first.
 --
--- Reply: {granted, wait, blocked, learned requests limit, learned tokens limit, delay 1, delay 2, ...}
--- as strings; blocked is "rate", "flight" or "".
+-- Reply: {granted, wait, blocked, learned requests limit, learned tokens limit, share, delay 1,
+-- delay 2, ...} as strings; blocked is "rate", "flight", "share" (this process holds its share of
+-- reservations ahead) or "".
 
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1e6
 local process = ARGV[1]
 local lease = tonumber(ARGV[2])
 local max_in_flight = tonumber(ARGV[3])
-local burst = tonumber(ARGV[6])
+local depth = tonumber(ARGV[6])
 local horizon = tonumber(ARGV[7])
 local start_full = ARGV[8]
 local keep_seconds = 86400
@@ -67,9 +69,9 @@ if release_n < tonumber(ARGV[9]) then release_t = my_t end
 local function load(prefix, limit_per_minute)
   if limit_per_minute < 0 then return nil end
   local rate = limit_per_minute / 60.0
-  -- As deep as the horizon (burst seconds is only its upper bound): reservations keep every process
-  -- busy, and a shallow bucket keeps the burst after an idle moment small.
-  local capacity = math.max(rate * math.min(burst, horizon), 1.0)
+  -- Shallow (see depth_seconds in redis_rate_limiter.py): reservations run ahead of the bucket as
+  -- debt, so its depth is only what a lull can save up for the catch-up after it.
+  local capacity = math.max(rate * depth, 1.0)
   local saved = redis.call('HMGET', KEYS[1], prefix .. 'level', prefix .. 'at', prefix .. 'pause')
   local full = string.find(start_full, string.sub(prefix, 1, 1), 1, true) ~= nil
   local level = tonumber(saved[1] or (full and capacity or 0))
@@ -104,19 +106,20 @@ end
 
 -- Grants, head of the line first, while the in-flight cap and the horizon allow.
 local in_flight = tonumber(redis.call('HGET', KEYS[3], 'n') or '0') - release_n
--- A fair share: one call reserves at most its part of a horizon's worth of requests, so the
--- process that happens to call first cannot take every reservation while others wait.
+-- A fair share: a process holds at most its part of a horizon's worth of reservations not yet
+-- due, so the process that happens to call first cannot take every reservation while others wait.
 local share = #ARGV
 if buckets[1] then
   share = math.max(1, math.floor(horizon * buckets[1].rate / math.max(1, redis.call('ZCARD', KEYS[4]))))
 end
+local room = share - tonumber(ARGV[20])
 local granted, granted_t = 0, 0
 local delays = {}
 local wait, blocked = 0, ''
-for index = 20, #ARGV do
+for index = 21, #ARGV do
   local tokens = tonumber(ARGV[index])
   if in_flight >= max_in_flight then blocked = 'flight'; break end
-  if granted >= share then break end
+  if granted >= room then blocked = 'share'; break end
   local delay = 0
   local amounts = {1, tokens}
   for i = 1, 2 do
@@ -160,6 +163,7 @@ for i = 1, 5 do redis.call('EXPIRE', KEYS[i], keep_seconds) end
 
 local learned_r = buckets[1] and buckets[1].learned or tonumber(redis.call('HGET', KEYS[1], 'r_learned') or '-1')
 local learned_t = buckets[2] and buckets[2].learned or tonumber(redis.call('HGET', KEYS[1], 't_learned') or '-1')
-local reply = {tostring(granted), string.format('%.6f', wait), blocked, tostring(learned_r), tostring(learned_t)}
+local reply = {tostring(granted), string.format('%.6f', wait), blocked, tostring(learned_r), tostring(learned_t),
+               tostring(share)}
 for _, d in ipairs(delays) do reply[#reply + 1] = d end
 return reply

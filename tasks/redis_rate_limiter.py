@@ -13,17 +13,25 @@ between two hosts that are really one account.
 How a request gets its capacity:
     - Each lane (model and endpoint) of each process keeps a local first-in-first-out line and one
       dispatcher task. The dispatcher sends the head of the line (up to 64 requests) in one script
-      call. The script grants as many as fit, at most a fair share (a horizon's worth of requests
-      over the live processes), and gives each a reservation: a delay of at most
-      ``horizon_seconds``, after which it goes. Processes never race for each token, and a busy
-      process makes far fewer than one call per request.
+      call. The script grants as many as fit, and gives each a reservation: a delay of at most
+      ``horizon_seconds``, after which it goes. A process holds at most a fair share of the
+      reservations not yet due (a horizon's worth of requests over the live processes), and asks
+      for more when half of its share has gone. Processes never race for each token, the first to
+      ask cannot take a whole horizon, and a busy process makes far fewer than one call per request.
     - Releases (a request answered), refunds (usage below the estimate), 429 slow-downs and the
       server's ``x-ratelimit-*`` headers wait locally and ride along with the next call: at most
       20 ms for headers and slow-downs; for releases and refunds, 20 ms once they add up to a tenth
       of the in-flight cap, at most 1 s otherwise. A busy lane calls often enough to carry them.
-    - The shared buckets are only ``horizon_seconds`` deep (a quarter of ``burst_seconds`` by
-      default): reservations keep every process busy, and a shallow bucket keeps the burst after an
-      idle moment (a process starting up, a stalled loop) well inside a server's one-second slice.
+    - The shared buckets are shallow: ``burst_seconds * (1 - target_utilization)`` deep, 20 ms of
+      each limit by default (at least one request). Reservations run ahead of a bucket as debt, so
+      its depth only decides how much a lull saves up: when every process falls behind for a moment
+      (a loop stalled by a process starting up beside it), the catch-up after it lands in the
+      server's next one-second slice. A token bucket's busiest window of ``burst_seconds`` holds its
+      depth plus the rate times the window, so this depth keeps every such window within the limit.
+    - A reservation is for a moment. When this process's loop stalls (a busy machine) and reaches a
+      reservation more than ``late_seconds`` (50 ms) after its moment, the request gives it up once
+      and asks again, instead of going together with every other late one on top of what other
+      processes send at that moment. The capacity of a moment that passed is lost, not spent twice.
     - When the line is blocked by the buckets, the script says for how long and the dispatcher sleeps
       exactly that long (no polling). When it is blocked by the in-flight cap, a local release wakes
       it, and otherwise it asks again every 20 ms: other processes' releases are not announced.
@@ -86,6 +94,8 @@ FLUSH_SECONDS = 0.02
 RELEASE_FLUSH_SECONDS = 1.0
 # How often a line blocked by the in-flight cap asks again (other processes' releases are silent).
 IN_FLIGHT_RETRY_SECONDS = 0.02
+# The default of RedisRateLimiterPool.late_seconds.
+LATE_SECONDS = 0.05
 # How many failed calls in a row make the limiter unavailable (with backoff, about 30 s).
 MAX_FAILED_CALLS = 8
 
@@ -123,10 +133,19 @@ def describe_redis_url(url: str) -> str:
 
 @dataclass
 class _Waiter:
-    """One request waiting in a lane's local line."""
+    """One request waiting in a lane's local line.
+
+    Attributes:
+        tokens: its token estimate.
+        future: done when it may go.
+        due: when its reservation is for (the loop's clock), once granted.
+        forfeited: True once it has given up a reservation it reached late.
+    """
 
     tokens: float
     future: "asyncio.Future[None]"
+    due: float = 0.0
+    forfeited: bool = False
 
 
 @dataclass
@@ -154,6 +173,7 @@ class RedisLane:
         max_requests_per_minute, max_tokens_per_minute: the configured limits (None: none).
         learned_requests_per_minute, learned_tokens_per_minute: what the server's headers said
             (here or in any other process sharing the identity).
+        forfeited: how many reservations this process reached too late and gave up.
     """
 
     def __init__(self, pool: "RedisRateLimiterPool", lane_key: str, max_requests_per_minute: Optional[float],
@@ -166,6 +186,9 @@ class RedisLane:
         self.learned_requests_per_minute: Optional[float] = None
         self.learned_tokens_per_minute: Optional[float] = None
         self._waiters: Deque[_Waiter] = collections.deque()
+        # Waiters that gave up a late reservation, back to the head of the line between two calls
+        # (during a call, the head of the line is the batch the reply is for).
+        self._given_up: List[_Waiter] = []
         self._changes = _PendingChanges()
         self._flush_at: Optional[float] = None
         self._retry_at = 0.0
@@ -177,8 +200,13 @@ class RedisLane:
         self._wake: Optional["asyncio.Future[None]"] = None
         self._closing = False
         self._dispatcher: Optional["asyncio.Task[None]"] = None
+        self._round_trips: Deque[float] = collections.deque(maxlen=16)
+        self._ahead = 0  # reservations granted whose moment has not come yet
+        self._share = 1  # how many of those this process may hold (the script says)
+        self._blocked_by_share = False
+        self.forfeited = 0
 
-    # The lane interface the shard worker uses (as tasks.rate_limiter.RequestLane).
+    # The lane interface the shard worker uses (tasks.rate_limiter.Lane).
 
     def try_take_buckets(self, tokens: float) -> bool:
         """Never serves at once (capacity lives in Redis); raises RequestNeverFits for a request that can never fit."""
@@ -215,6 +243,7 @@ class RedisLane:
 
     def observe(self, limits: Any) -> None:
         """Follow an answer's ``x-ratelimit-*`` headers (a ``ServerLimits``), or their absence (None)."""
+        learned_before = (self.learned_requests_per_minute, self.learned_tokens_per_minute)
         values: List[float] = []
         for scope in ("requests", "tokens"):
             limit = getattr(limits, f"limit_{scope}", None)
@@ -227,6 +256,9 @@ class RedisLane:
                 setattr(self, f"learned_{scope}_per_minute", limit_when_unsaid(limits, scope))
             values += [float(limit) if limit else -1.0, float(remaining) if remaining is not None else -1.0,
                        float(reset) if reset else -1.0]
+        if (self.learned_requests_per_minute, self.learned_tokens_per_minute) != learned_before:
+            # A wait reckoned at the cautious learning rate is too long now: ask again with the next call.
+            self._retry_at, self._blocked_by_flight, self._blocked_by_share = 0.0, False, False
         if any(value >= 0 for value in values):
             self._changes.headers = tuple(values)  # type: ignore[assignment]
             self._changed()
@@ -337,10 +369,12 @@ class RedisLane:
         assert self._loop is not None
         heartbeat = self.pool.lease_seconds / 3
         while not self._closing:
+            while self._given_up:
+                self._waiters.appendleft(self._given_up.pop())
             while self._waiters and self._waiters[0].future.done():
                 self._waiters.popleft()  # cancelled while waiting
             deadlines = []
-            if self._waiters:
+            if self._waiters and not math.isinf(self._retry_at):
                 deadlines.append(self._retry_at)
             if self._flush_at is not None:
                 deadlines.append(self._flush_at)
@@ -376,9 +410,9 @@ class RedisLane:
         start_full = ("r" if requests_learning else "") + ("t" if tokens_learning else "")
         arguments = [
             self.pool.process_name, self.pool.lease_seconds, self.pool.max_in_flight, requests_rate, tokens_rate,
-            self.pool.burst_seconds, self.pool.horizon_seconds, start_full or "-",
+            self.pool.depth_seconds, self.pool.horizon_seconds, start_full or "-",
             changes.released_requests, changes.released_tokens, changes.refunded_tokens,
-            int(changes.slow_requests), int(changes.slow_tokens), *changes.headers, *tokens,
+            int(changes.slow_requests), int(changes.slow_tokens), *changes.headers, self._ahead, *tokens,
         ]
         if self._loop is not None:
             self._last_call = self._loop.time()
@@ -387,6 +421,8 @@ class RedisLane:
         except BaseException:
             self._restore(changes)
             raise
+        if self._loop is not None:
+            self._round_trips.append(self._loop.time() - self._last_call)
         return reply
 
     def _restore(self, changes: _PendingChanges) -> None:
@@ -408,37 +444,77 @@ class RedisLane:
         for scope, value in (("requests", float(reply[3])), ("tokens", float(reply[4]))):
             if value > 0:
                 setattr(self, f"learned_{scope}_per_minute", value)
-        if (self.learned_requests_per_minute, self.learned_tokens_per_minute) != learned_before and blocked == "rate":
+        learned_changed = (self.learned_requests_per_minute, self.learned_tokens_per_minute) != learned_before
+        now = self._loop.time()
+        if not batch:
+            # A call that only told Redis what changed: the line's state stays, unless the limits changed.
+            if learned_changed:
+                self._retry_at, self._blocked_by_flight, self._blocked_by_share = now, False, False
+            return
+        if learned_changed and blocked == "rate":
             # The wait was reckoned at this process's cautious learning rate; ask again at the real one.
             blocked, wait = "", 0.0
         self.pool.granted += granted
-        for waiter, delay in zip(batch[:granted], reply[5:5 + granted]):
+        # Reservations count from the earliest moment this reply could have been read: the call's
+        # start plus the quickest recent round trip. A reply read later, after a stalled loop, then
+        # shows its reservations as late instead of shifting them all later together.
+        base = min(now, self._last_call + min(self._round_trips, default=0.0))
+        self._share = int(reply[5])
+        for waiter, delay in zip(batch[:granted], reply[6:6 + granted]):
             self._waiters.popleft()
             self._held += 1
-            seconds = float(delay)
-            if seconds <= 0.0005:
+            waiter.due = base + float(delay)
+            if waiter.due <= now + 0.0005:
                 self._grant(waiter)
             else:
-                self._loop.call_later(seconds, self._grant, waiter)
-        now = self._loop.time()
+                self._ahead += 1
+                self._loop.call_at(waiter.due, self._on_due, waiter)
         self._blocked_by_flight = blocked == "flight"
+        self._blocked_by_share = blocked == "share" and self._ahead > self._share // 2
         if blocked == "rate":
             self._retry_at = now + wait + 0.001
         elif blocked == "flight":
             self._retry_at = now + IN_FLIGHT_RETRY_SECONDS
+        elif self._blocked_by_share:
+            self._retry_at = math.inf  # until half of what it holds has gone (_on_due)
         else:
             self._retry_at = now
 
+    def _on_due(self, waiter: _Waiter) -> None:
+        """A reservation's moment has come: let its waiter go, and ask for more once half the share has gone."""
+        self._ahead -= 1
+        self._grant(waiter)
+        if self._blocked_by_share and self._ahead <= self._share // 2:
+            self._blocked_by_share = False
+            self._retry_at = 0.0
+            self._kick()
+
     def _grant(self, waiter: _Waiter) -> None:
-        """Let a waiter go; one that was cancelled meanwhile gives its reservation's slot back."""
+        """Let a waiter go at its reservation's moment.
+
+        A cancelled waiter gives the slot back. A reservation this process reaches more than
+        ``late_seconds`` after its moment (its loop was stalled) is given up once: the slot goes
+        back, the request goes back to the head of the line for a new reservation, and the capacity
+        of the moment that passed is not spent twice. Sent anyway, the late ones of a stall would
+        all go together, on top of the reservations of the moment they land in.
+        """
+        assert self._loop is not None
         if waiter.future.done():
             self.release(waiter.tokens)
+        elif self._loop.time() - waiter.due > self.pool.late_seconds and not waiter.forfeited:
+            waiter.forfeited = True
+            self.forfeited += 1
+            self.release(waiter.tokens)
+            self._given_up.append(waiter)
+            self._kick()
         else:
             waiter.future.set_result(None)
 
     def _fail_waiters(self, error: BaseException) -> None:
         """Fail every waiting request: the limiter cannot be reached."""
         failure = LimiterUnavailable(f"the rate limiter {describe_redis_url(self.pool.url)} cannot be reached: {error}")
+        while self._given_up:
+            self._waiters.appendleft(self._given_up.pop())
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.future.done():
@@ -457,6 +533,8 @@ class RedisRateLimiterPool(RateLimiterPool):
         identity: the shared name (see ``limiter_identity``).
         lease_seconds: how long a dead process's in-flight slots stay taken.
         horizon_seconds: how far ahead a reservation may be (default: a quarter of burst_seconds).
+        late_seconds: a reservation reached later than this after its moment is given up once and
+            asked for again (math.inf: always sent, however late).
         The limits are RateLimiterPool's; max_in_flight is shared by every process of the identity.
     """
 
@@ -464,6 +542,7 @@ class RedisRateLimiterPool(RateLimiterPool):
     identity: str
     lease_seconds: float = 10.0
     horizon_seconds: Optional[float] = None
+    late_seconds: float = LATE_SECONDS
     calls: int = field(default=0, init=False)
     granted: int = field(default=0, init=False)
     process_name: str = field(default="", init=False)
@@ -476,6 +555,8 @@ class RedisRateLimiterPool(RateLimiterPool):
             raise ValueError(f"limiter must be a redis:// URL, got {describe_redis_url(self.url)!r}")
         if not self.lease_seconds > 0:
             raise ValueError(f"lease_seconds must be positive, got {self.lease_seconds!r}")
+        if not self.late_seconds > 0:
+            raise ValueError(f"late_seconds must be positive, got {self.late_seconds!r}")
         if self.horizon_seconds is None:
             self.horizon_seconds = self.burst_seconds / 4
         self.process_name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -496,6 +577,11 @@ class RedisRateLimiterPool(RateLimiterPool):
                 own.get("tokens_per_minute", self.max_tokens_per_minute),
             )
         return lane
+
+    @property
+    def depth_seconds(self) -> float:
+        """How many seconds of each limit the shared buckets hold: what the target utilization leaves spare."""
+        return min(self.burst_seconds * (1.0 - self.target_utilization), float(self.horizon_seconds or 0.0))
 
     @property
     def round_trips_per_request(self) -> float:

@@ -47,7 +47,7 @@ from prefect.states import Failed
 from tasks.api_client import ApiClient, ApiResult, Outcome, backoff_seconds
 from tasks.metrics import RunProgress, StatusTracker
 from tasks.pricing import PriceTable
-from tasks.rate_limiter import RateLimiterPool, RequestLane, RequestNeverFits
+from tasks.rate_limiter import Lane, RateLimiterPool, RequestNeverFits
 from tasks.redis_rate_limiter import LimiterUnavailable
 from tasks.request_formats import InvalidLine, ParsedRequest, RequestShape, format_result, parse_line
 from tasks.results_storage import PartWriter, read_part_state
@@ -251,7 +251,7 @@ class _ShardWorker:
         if self._pending:
             await asyncio.gather(*list(self._pending))
 
-    async def _dispatch(self, part: PartWriter, request: ParsedRequest, lane: RequestLane, tokens: int,
+    async def _dispatch(self, part: PartWriter, request: ParsedRequest, lane: Lane, tokens: int,
                         line_bytes: int, reserved_usd: float) -> None:
         """Wait in the request's lane of the engine, then send it until it is settled."""
         try:
@@ -271,7 +271,7 @@ class _ShardWorker:
         finally:
             self.state.pending_window.release()
 
-    async def _send_granted(self, part: PartWriter, request: ParsedRequest, lane: RequestLane, tokens: int,
+    async def _send_granted(self, part: PartWriter, request: ParsedRequest, lane: Lane, tokens: int,
                             line_bytes: int, reserved_usd: float) -> None:
         """Send a request whose capacity is granted, unless the run has stopped meanwhile."""
         if self.state.stop_reason is not None:
@@ -282,7 +282,7 @@ class _ShardWorker:
         part.write_sent(request.line_index)
         await self._send_until_settled(part, request, lane, tokens, line_bytes, reserved_usd)
 
-    async def _send_until_settled(self, part: PartWriter, request: ParsedRequest, lane: RequestLane, tokens: int,
+    async def _send_until_settled(self, part: PartWriter, request: ParsedRequest, lane: Lane, tokens: int,
                                   line_bytes: int, reserved_usd: float) -> None:
         """Send one request (its first slot already granted) until it succeeds, fails for good, or the run stops."""
         spent_before = self.tracker.cost_usd
@@ -295,7 +295,7 @@ class _ShardWorker:
         finally:
             self.state.settle_budget(reserved_usd, self.tracker.cost_usd - spent_before)
 
-    async def _attempts(self, part: PartWriter, request: ParsedRequest, lane: RequestLane, tokens: int,
+    async def _attempts(self, part: PartWriter, request: ParsedRequest, lane: Lane, tokens: int,
                         line_bytes: int) -> None:
         """The retry loop of one request (its model's lane of the engine)."""
         settings, limiter, tracker = self.state.settings, lane, self.tracker

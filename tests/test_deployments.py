@@ -212,9 +212,7 @@ async def test_shards_as_child_runs_on_two_workers_share_one_redis_limit(prefect
     table = json.loads({artifact.key: artifact for artifact in artifacts}["parallel-requests-shards"].data)
     assert sum(row["succeeded"] for row in table) == 1200
     stats = server.stats()
-    # Known gap (issue 6 stays open on it): in about one run in eight on this 2-core machine, the
-    # seconds while four child processes start bring 1-2% of 429 answers; the target is at most 1%.
-    assert stats["rate_limited"] <= 0.03 * stats["requests"], stats
+    assert stats["rate_limited"] <= 0.01 * stats["requests"], stats
     assert stats["max_accepted_in_slice"] <= 100, stats
     assert stats["accepted_per_minute"] >= 0.9 * 6000, stats
 
