@@ -26,14 +26,19 @@ def _pool(redis_url: str, name: str, rpm=None, tpm=None, **options) -> RedisRate
     return RedisRateLimiterPool(rpm, tpm, url=redis_url, identity=name, **options)
 
 
-def _max_in_any_second(times: List[float]) -> int:
+def _max_in_any_window(times: List[float], seconds: float) -> int:
+    """The most moments in any window of ``seconds``."""
     times = sorted(times)
     best, start = 0, 0
     for end, moment in enumerate(times):
-        while moment - times[start] >= 1.0:
+        while moment - times[start] >= seconds:
             start += 1
         best = max(best, end - start + 1)
     return best
+
+
+def _max_in_any_second(times: List[float]) -> int:
+    return _max_in_any_window(times, 1.0)
 
 
 def test_identity_is_host_and_key_fingerprint_never_the_key() -> None:
@@ -164,16 +169,6 @@ async def test_high_throughput_costs_less_than_one_round_trip_per_request(redis_
     await pool.aclose()
     assert pool.granted == 2000
     assert pool.round_trips_per_request < 1.0, (pool.calls, pool.granted)
-
-
-def _max_in_any_window(times: List[float], seconds: float) -> int:
-    times = sorted(times)
-    best, start = 0, 0
-    for end, moment in enumerate(times):
-        while moment - times[start] >= seconds:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 async def test_the_catch_up_after_a_lull_keeps_every_second_within_the_limit(redis_url) -> None:
