@@ -17,7 +17,8 @@ Limits take a number, or ``inf`` for none. An omitted limit is learned from the 
 server sends none), and any limit is lowered to what the server says. ``--logging_level`` takes a number (20) or a name (INFO).
 
 Exit status: 0 when every row has its result line (failed rows are counted in the summary);
-1 with a one-line reason when the run stopped early; 2 for bad arguments or a missing input.
+1 with a one-line reason when the run stopped early, when another run of the same job holds its
+lock, or when the key cannot be sent; 2 for bad arguments or a missing input.
 """
 
 # Standard library imports
@@ -28,14 +29,17 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 # Local application imports
 from flows.embedded_prefect_api import start_embedded_api
+from tasks.api_client import check_api_key
 from tasks.request_formats import DEFAULT_REQUEST_URL
 
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_MAX_IN_FLIGHT = 200
+# The most shards a run may have: each holds a part file and an input handle open while it runs.
+MAX_SHARDS = 256
 # The environment variable through which the command line hands ``--api_key`` to the flow.
 CLI_API_KEY_VARIABLE = "PARALLEL_REQUESTS_CLI_API_KEY"
 
@@ -51,18 +55,27 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
     try:
         validate_settings(args.max_requests_per_minute, args.max_tokens_per_minute, args.max_attempts,
                           args.max_in_flight, args.shards, args.burst_seconds, args.target_utilization,
-                          args.limiter, args.shard_deployment, args.dask_cluster)
+                          args.limiter, args.shard_deployment, args.dask_cluster,
+                          uris=(args.requests_filepath, args.save_filepath or "", args.work_dir or ""))
         _check_input(args.requests_filepath)
+        if args.api_key_from_flag and (args.shard_deployment or (args.dask_cluster or "").startswith("tcp://")):
+            raise ValueError("--api_key cannot reach child runs or remote Dask workers; set OPENAI_API_KEY in "
+                             "the workers' environment (or use a Prefect Secret block) instead")
     except (ValueError, OSError) as error:
         print(f"parallel-requests: error: {error}", file=sys.stderr)
         return 2
+    try:
+        args.api_key = check_api_key(args.api_key)
+    except ValueError as error:
+        print(f"parallel-requests: {error}", file=sys.stderr)
+        return 1
     # Prefect's local API starts now, in parallel with the rest of start-up (None: PREFECT_API_URL is set).
     embedded_api = start_embedded_api()
     if flow_function is None:
         from flows.parallel_requests import parallel_requests as flow_function  # imports Prefect: ~2 s
     for name in ("prefect.flow_runs", "prefect.task_runs", "tasks", "flows"):
         logging.getLogger(name).setLevel(args.logging_level)
-    if args.api_key:
+    if args.api_key_from_flag and args.api_key:
         os.environ[CLI_API_KEY_VARIABLE] = args.api_key
     parameters: Dict[str, Any] = dict(
         requests_filepath=args.requests_filepath,
@@ -78,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         target_utilization=args.target_utilization,
         request_timeout_seconds=args.request_timeout,
         retry_base_seconds=args.retry_base_seconds,
-        api_key_env_var=CLI_API_KEY_VARIABLE if args.api_key else "OPENAI_API_KEY",
+        api_key_env_var=CLI_API_KEY_VARIABLE if args.api_key_from_flag else "OPENAI_API_KEY",
         work_dir=args.work_dir,
         aws_credentials_block=args.aws_credentials_block,
         dry_run=args.dry_run,
@@ -89,6 +102,7 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         limiter_name=args.limiter_name,
         shard_deployment=args.shard_deployment,
         dask_cluster=args.dask_cluster,
+        wait_for_lock=args.wait_for_lock,
     )
     with embedded_api.settings() if embedded_api else contextlib.nullcontext():
         final_state = asyncio.run(flow_function(**parameters, return_state=True))
@@ -132,7 +146,8 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="logging level, as a number (20) or a name (INFO) (default: INFO)")
     add("max_in_flight", type=int, default=DEFAULT_MAX_IN_FLIGHT,
         help="requests awaiting an answer at once, across all shards (default: %(default)s)")
-    add("shards", type=int, default=None, help="number of shards (default: one per 8 MiB of input, at most 64)")
+    add("shards", type=int, default=None,
+        help=f"number of shards (default: one per 8 MiB of input, at most 64; at most {MAX_SHARDS})")
     add("burst_seconds", type=float, default=1.0,
         help="seconds of each limit the buckets may spend at once (default: %(default)s)")
     add("target_utilization", type=float, default=0.98,
@@ -163,7 +178,10 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("dask_cluster", default=None,
         help="run each shard as a task on a Dask cluster (prefect-dask): 'local', 'local:N' worker processes, "
              "or a scheduler address such as tcp://10.0.0.5:8786 (needs --limiter)")
+    add("wait_for_lock", action="store_true",
+        help="when another run of the same job (same output) is in progress, wait for it instead of exiting 1")
     args = parser.parse_args(argv)
+    args.api_key_from_flag = args.api_key is not None
     if args.api_key is None:
         args.api_key = os.environ.get("OPENAI_API_KEY")
     return args
@@ -172,11 +190,15 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_minute: Optional[float],
                       max_attempts: int, max_in_flight: int, shards: Optional[int], burst_seconds: float,
                       target_utilization: float = 0.98, limiter: Optional[str] = None,
-                      shard_deployment: Optional[str] = None, dask_cluster: Optional[str] = None) -> None:
+                      shard_deployment: Optional[str] = None, dask_cluster: Optional[str] = None,
+                      uris: Iterable[str] = ()) -> None:
     """Reject settings the run cannot work with, before anything is sent.
 
+    Args:
+        uris: the input, output and work paths, checked for credentials written into them.
+
     Raises:
-        ValueError: naming the setting and the value.
+        ValueError: naming the setting and the value (never a secret).
     """
     for name, value in (("max_requests_per_minute", max_requests_per_minute),
                         ("max_tokens_per_minute", max_tokens_per_minute)):
@@ -186,8 +208,8 @@ def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_m
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-    if shards is not None and shards < 1:
-        raise ValueError(f"shards must be at least 1, got {shards}")
+    if shards is not None and not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"shards must be from 1 to {MAX_SHARDS}, got {shards}")
     if not burst_seconds > 0:
         raise ValueError(f"burst_seconds must be positive, got {burst_seconds}")
     if not 0 < target_utilization <= 1:
@@ -196,6 +218,13 @@ def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_m
         raise ValueError("shard_deployment and dask_cluster need limiter: the processes must share one rate limit")
     if limiter and not limiter.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"limiter must be a redis:// URL, got {limiter.rpartition('@')[2]!r}")
+    if limiter and _has_password(limiter):
+        raise ValueError("limiter must not carry a password (it would show in parameters and logs); "
+                         "put it in PARALLEL_REQUESTS_REDIS_PASSWORD")
+    for uri in uris:
+        if "://" in uri and _has_password(uri):
+            raise ValueError(f"{uri.split('://', 1)[0]}:// paths must not carry credentials (they would show in "
+                             "parameters and logs); use the standard AWS configuration or --aws-credentials-block")
 
 
 def default_save_path(requests_filepath: str) -> str:
@@ -219,10 +248,12 @@ def format_cli_summary(summary: Dict[str, Any]) -> str:
     state = "complete" if summary["complete"] else f"STOPPED: {summary['stop_reason'] or 'incomplete'}"
     return (
         f"parallel-requests {state} in {summary['duration_seconds']:.1f} s\n"
-        f"  rows {totals['rows']:,}: {totals['resumed_rows']:,} resumed, {totals['succeeded']:,} succeeded, "
-        f"{totals['failed']:,} failed "
+        f"  rows {totals['rows']:,}: {totals['resumed_rows']:,} resumed "
+        f"({summary.get('reused_rows', 0):,} reused from earlier answers to unchanged requests), "
+        f"{totals['succeeded']:,} succeeded, {totals['failed']:,} failed "
         f"({totals['invalid_lines']:,} invalid lines, {totals['failed_invalid_request']:,} invalid requests, "
-        f"{totals['failed_after_retries']:,} out of attempts, {totals['failed_too_large']:,} too large), "
+        f"{totals['failed_after_retries']:,} out of attempts, {totals['failed_too_large']:,} too large, "
+        f"{totals.get('failed_unpriced', 0):,} with no price under the budget), "
         f"{totals['not_sent']:,} not sent\n"
         f"  {totals['requests_sent']:,} HTTP requests, {totals['retries']:,} retries, "
         f"{totals['rate_limited']:,} answered 429, {totals['resent_requests']:,} sent again after an interruption; "
@@ -230,6 +261,7 @@ def format_cli_summary(summary: Dict[str, Any]) -> str:
         f"  tokens estimated {totals['tokens_estimated']:,}; used "
         f"{totals['prompt_tokens_used'] + totals['completion_tokens_used']:,}; cost ${totals['cost_usd']:,.4f}\n"
         f"  results: {summary['output']}"
+        + (f" ({summary['output_note']})" if summary.get("output_note") else "")
     )
 
 
@@ -261,6 +293,14 @@ def _check_input(requests_filepath: str) -> None:
         raise FileNotFoundError(f"no such input file: {requests_filepath}")
     if not os.access(requests_filepath, os.R_OK):
         raise PermissionError(f"cannot read the input file: {requests_filepath}")
+
+
+def _has_password(uri: str) -> bool:
+    """True when a URI carries credentials before its host (``scheme://user:secret@host``)."""
+    netloc = uri.split("://", 1)[1].split("/", 1)[0] if "://" in uri else ""
+    if "@" not in netloc:
+        return False
+    return bool(netloc.rpartition("@")[0])
 
 
 def _limit(text: str) -> float:

@@ -43,13 +43,15 @@ Pitfalls:
 # Standard library imports
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Optional
 
 # Third-party imports
 from prefect import flow, get_run_logger
@@ -78,8 +80,12 @@ from tasks.dry_run import plan_dry_run
 from tasks.pricing import PriceTable
 from tasks.rate_limiter import FALLBACK_REQUESTS_PER_MINUTE, FALLBACK_TOKENS_PER_MINUTE, RateLimiterPool
 from tasks.redis_rate_limiter import LimiterUnavailable, RedisRateLimiterPool, describe_redis_url
-from tasks.request_formats import DEFAULT_REQUEST_URL, detect_shape
-from tasks.results_storage import PartInfo, assemble_output
+from tasks.api_client import check_api_key
+from tasks.crash_points import kill_point
+from tasks.job_lock import JobLock, JobLocked
+from tasks.request_formats import DEFAULT_REQUEST_URL
+from tasks.results_storage import IncompleteOutput, PartInfo, assemble_output, count_lines
+from tasks.row_reuse import reuse_paid_answers
 from tasks.shard_runner import (
     EngineSettings,
     ShardJob,
@@ -89,7 +95,8 @@ from tasks.shard_runner import (
     trackers_of,
     transport_params_for,
 )
-from tasks.sharding import ShardSpec, plan_shards, read_head
+from tasks.shard_processing import format_usd
+from tasks.sharding import detect_source_shape, plan_shards
 from tasks.storage import (
     abort_stale_uploads,
     compression_of,
@@ -97,11 +104,11 @@ from tasks.storage import (
     describe_storage_error,
     input_fingerprint,
     input_size,
-    open_input,
+    output_exists,
     remove_stale_temporaries,
 )
 from tasks.token_estimation import TokenEstimator
-from tasks.work_location import WorkLocation
+from tasks.work_location import WorkFolderRefused, WorkLocation
 
 # The garbage collector's first threshold while shards run (Python's default is 700).
 SENDING_GC_THRESHOLD = 10_000
@@ -136,6 +143,7 @@ async def parallel_requests(
     limiter_name: Optional[str] = None,
     shard_deployment: Optional[str] = None,
     dask_cluster: Optional[str] = None,
+    wait_for_lock: bool = False,
 ) -> State:
     """Send every request of a JSONL file through one shared rate-limit engine and save the results.
 
@@ -183,6 +191,8 @@ async def parallel_requests(
         dask_cluster: run each shard as a task on a Dask cluster with prefect-dask's DaskTaskRunner:
             ``local`` (worker processes on this machine), ``local:N``, or a scheduler address such as
             ``tcp://10.0.0.5:8786``. Needs ``limiter`` (and ``work_dir`` reachable by every worker).
+        wait_for_lock: when another run of the same job (the same output) is in progress, wait for it
+            to finish instead of failing at once. Either way no row is sent twice.
 
     Returns:
         A Completed state when every row has its result, a Failed state naming the reason
@@ -190,62 +200,126 @@ async def parallel_requests(
     """
     logger = get_run_logger()
     started = time.monotonic()
-    validate_settings(max_requests_per_minute, max_tokens_per_minute, max_attempts, max_in_flight, shards,
-                      burst_seconds, target_utilization, limiter, shard_deployment, dask_cluster)
-    api_key = await resolve_api_key(api_key_env_var, api_key_secret_block)
     save_filepath = save_filepath or default_save_path(requests_filepath)
+    validate_settings(max_requests_per_minute, max_tokens_per_minute, max_attempts, max_in_flight, shards,
+                      burst_seconds, target_utilization, limiter, shard_deployment, dask_cluster,
+                      uris=(requests_filepath, save_filepath, work_dir or ""))
+    try:
+        api_key = check_api_key(await resolve_api_key(api_key_env_var, api_key_secret_block))
+    except ValueError as error:  # a key the HTTP stack would refuse: stop before anything is marked failed
+        logger.error("%s", error)
+        return Failed(message=str(error))
     transport_params = await transport_params_for(aws_credentials_block)
     prices = PriceTable.load(price_table)
     if dry_run:
         return await _dry_run(logger, requests_filepath, request_url, token_encoding_name, prices, learn_limits,
                               max_requests_per_minute, max_tokens_per_minute, transport_params)
     try:
-        work = _prepare_work(requests_filepath, save_filepath, work_dir, request_url, transport_params)
+        work = WorkLocation.open(save_filepath, work_dir)
+    except (WorkFolderRefused, OSError) as error:
+        logger.error("%s", error)
+        return Failed(message=str(error))
+    lock = JobLock.for_job(save_filepath, work.path, limiter, str(current_flow_run.id or "") or None)
+    try:
+        await asyncio.to_thread(lock.acquire, wait_for_lock,
+                                lambda holder: logger.warning("Waiting for the job's lock, held by %s", holder.describe()))
+    except JobLocked as error:
+        logger.error("%s", error)
+        return Failed(message=str(error))
+    try:
+        job = ShardJob(
+            request_url=request_url, shape="cookbook", max_attempts=max_attempts, retry_base_seconds=retry_base_seconds,
+            request_timeout_seconds=request_timeout_seconds, token_encoding_name=token_encoding_name,
+            api_key_env_var=api_key_env_var, api_key_secret_block=api_key_secret_block,
+            aws_credentials_block=aws_credentials_block, price_table=price_table, budget_usd=budget_usd,
+            engine=EngineSettings(max_requests_per_minute, max_tokens_per_minute, max_in_flight,
+                                  _read_model_limits(model_limits), burst_seconds, target_utilization, learn_limits,
+                                  limiter, limiter_name),
+        )
+        placement = ShardPlacement(shards, shard_deployment, dask_cluster, run_concurrency_limit)
+        return await _run_job(logger, started, job, placement, requests_filepath, save_filepath, work, lock, api_key,
+                              transport_params)
+    finally:
+        await asyncio.to_thread(lock.release)
+
+
+@dataclass(frozen=True)
+class ShardPlacement:
+    """How a run splits its input and where its shards run.
+
+    Attributes:
+        shards: the number of shards asked for (None: follow the size; a resumed job keeps its split).
+        shard_deployment: run shards as child runs of this deployment, or None.
+        dask_cluster: run shards on this Dask cluster, or None.
+        run_concurrency_limit: a Prefect global concurrency limit the run takes one slot of, or None.
+    """
+
+    shards: Optional[int] = None
+    shard_deployment: Optional[str] = None
+    dask_cluster: Optional[str] = None
+    run_concurrency_limit: Optional[str] = None
+
+
+async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardPlacement, requests_filepath: str,
+                   save_filepath: str, work: WorkLocation, lock: JobLock, api_key: Optional[str],
+                   transport_params: Optional[Dict[str, Any]]) -> State:
+    """The job, with its lock held: resume or start, reuse paid answers, run the shards, finish the output."""
+    try:
+        work.reload()
+        abort_stale_uploads(save_filepath, transport_params)
+        remove_stale_temporaries(save_filepath)
+        fingerprint = await asyncio.to_thread(input_fingerprint, requests_filepath, transport_params)
+        start = work.begin(requests_filepath, fingerprint, job.request_url, output_exists(save_filepath, transport_params))
+    except WorkFolderRefused as error:
+        logger.error("%s", error)
+        return Failed(message=str(error))
     except Exception as error:  # storage trouble ends the run with one line naming the URI
         return _storage_failure(logger, requests_filepath, error)
-    if work.already_complete:
+    if start.already_complete:
         logger.info("%s is already complete for this input; nothing to send", save_filepath)
         return Completed(message="already complete: nothing sent",
                          data={"output": save_filepath, "complete": True, "already_complete": True})
     try:
         source = _shardable_source(requests_filepath, work, transport_params)
         size = input_size(source, transport_params)
-        shape = detect_shape(read_head(source, transport_params=transport_params))
-        shard_specs = plan_shards(source, work.shard_count or shards, size, transport_params)
+        shape = detect_source_shape(source, transport_params)
+        shard_specs = plan_shards(source, work.shard_count or placement.shards, size, transport_params)
+        if work.shard_count is None:
+            work.record_shard_count(len(shard_specs))
+        if start.needs_reuse_pass:
+            reused = await asyncio.to_thread(reuse_paid_answers, work, start.reuse_sources, shard_specs, shape,
+                                             job.request_url, save_filepath, transport_params)
+            work.record_reuse_done(work.reused_rows + reused)
     except Exception as error:
         return _storage_failure(logger, requests_filepath, error)
-    work.record_shard_count(len(shard_specs))
-    logger.info("Read %s: %d bytes, %s shape, %d shard(s); results go to %s%s", requests_filepath, size, shape.value,
-                len(shard_specs), save_filepath, f" (resuming from {work.path})" if work.resumed else "")
+    job = dataclasses.replace(job, shape=shape.value)
+    if job.budget_usd is not None:
+        await _price_against_budget(logger, source, job, transport_params)
+    logger.info("Read %s: %d bytes, %s shape, %d shard(s); results go to %s%s%s", requests_filepath, size,
+                shape.value, len(shard_specs), save_filepath, f" (resuming from {work.path})" if start.resumed else "",
+                f"; {work.reused_rows} earlier answers reused" if work.reused_rows else "")
 
-    job = ShardJob(
-        request_url=request_url, shape=shape.value, max_attempts=max_attempts, retry_base_seconds=retry_base_seconds,
-        request_timeout_seconds=request_timeout_seconds, token_encoding_name=token_encoding_name,
-        api_key_env_var=api_key_env_var, api_key_secret_block=api_key_secret_block,
-        aws_credentials_block=aws_credentials_block, price_table=price_table, budget_usd=budget_usd,
-        engine=EngineSettings(max_requests_per_minute, max_tokens_per_minute, max_in_flight,
-                              _read_model_limits(model_limits), burst_seconds, target_utilization, learn_limits,
-                              limiter, limiter_name),
-    )
-    engine = job.engine.build(request_url, api_key)
+    engine = job.engine.build(job.request_url, api_key)
     part_paths = [work.part_path(shard.index, shard.count) for shard in shard_specs]
     progress = RunProgress(total_bytes=size)
-    run_slot = concurrency(run_concurrency_limit, occupy=1) if run_concurrency_limit else contextlib.nullcontext()
+    run_slot = (concurrency(placement.run_concurrency_limit, occupy=1) if placement.run_concurrency_limit
+                else contextlib.nullcontext())
     async with run_slot, progress_artifact(progress):
         try:
-            if shard_deployment or dask_cluster:
+            if placement.shard_deployment or placement.dask_cluster:
                 try:  # the shards build their own engines on the shared limiter; check it is there first
                     await engine.check()
                 finally:
                     await engine.aclose()
-            if shard_deployment:
-                outcome = await run_shards_as_child_runs(shard_deployment, job, shard_specs, part_paths,
-                                                         work.work_id, progress)
-            elif dask_cluster:
-                outcome = await run_shards_on_dask(dask_cluster, job, shard_specs, part_paths, work.work_id, progress)
+            if placement.shard_deployment:
+                outcome = await run_shards_as_child_runs(placement.shard_deployment, job, shard_specs, part_paths,
+                                                         work.generation, progress)
+            elif placement.dask_cluster:
+                outcome = await run_shards_on_dask(placement.dask_cluster, job, shard_specs, part_paths,
+                                                   work.generation, progress)
             else:
                 with _collector_tuned_for_sending():
-                    states, state = await run_shards_here(job, shard_specs, part_paths, work.work_id, progress,
+                    states, state = await run_shards_here(job, shard_specs, part_paths, work.generation, progress,
                                                           api_key, transport_params, engine)
                 outcome = ShardOutcome(await trackers_of(states, shard_specs, state), state.end_reason,
                                        state.error_examples)
@@ -257,27 +331,52 @@ async def parallel_requests(
         logger.info("Shared limiter %s (%s): %d script calls for %d grants, %.3f round trips per request",
                     describe_redis_url(engine.url), engine.identity, engine.calls, engine.granted,
                     engine.round_trips_per_request)
+    if lock.lost.is_set():
+        message = "another run took this job's lock while this one ran; this run leaves the output to it"
+        logger.error("%s", message)
+        return Failed(message=message)
 
-    parts = _part_infos(work, shard_specs, trackers)
+    totals = StatusTracker.merged(trackers)
+    complete = outcome.stop_reason is None and totals.rows_done == totals.rows
+    parts = [PartInfo(path, line_count=tracker.lines_read) for path, tracker in zip(part_paths, trackers)]
+    output_note = None
     try:
-        report = assemble_output(save_filepath, parts, shape, os.path.basename(requests_filepath), transport_params)
+        if complete:
+            report = await asyncio.to_thread(assemble_output, save_filepath, parts, shape,
+                                             os.path.basename(requests_filepath), transport_params, True,
+                                             work.digests_path)
+        else:
+            present = output_exists(save_filepath, transport_params)
+            existing = count_lines(save_filepath, transport_params) if present else None
+            report = await asyncio.to_thread(assemble_output, save_filepath, parts, shape,
+                                             os.path.basename(requests_filepath), transport_params, False, None,
+                                             existing)
+            if not report.written:
+                output_note = (f"not rewritten: it already holds {existing:,} lines, more than the "
+                               f"{report.rows_written:,} finished rows of this input; those stay in {work.path}")
+    except IncompleteOutput as error:
+        logger.error("%s; run the same command again to continue", error)
+        return Failed(message=f"{error}; run the same command again to continue")
     except Exception as error:
         return _storage_failure(logger, save_filepath, error)
     summary = RunSummary(
-        source=requests_filepath, output=save_filepath, totals=StatusTracker.merged(trackers), shards=trackers,
-        max_requests_per_minute=_finite(_lower_limit(max_requests_per_minute, _learned(engine, "requests"))),
-        max_tokens_per_minute=_finite(_lower_limit(max_tokens_per_minute, _learned(engine, "tokens"))),
+        source=requests_filepath, output=save_filepath, totals=totals, shards=trackers,
+        max_requests_per_minute=_finite(_lower_limit(job.engine.max_requests_per_minute, _learned(engine, "requests"))),
+        max_tokens_per_minute=_finite(_lower_limit(job.engine.max_tokens_per_minute, _learned(engine, "tokens"))),
         stop_reason=outcome.stop_reason, error_examples=report.invalid_line_examples + outcome.error_examples,
-        duration_seconds=time.monotonic() - started,
+        duration_seconds=time.monotonic() - started, reused_rows=work.reused_rows, output_note=output_note,
     )
     await publish_run_artifacts(summary)
     if summary.complete:
-        work.mark_complete()
+        kill_point("manifest")
+        work.mark_complete(report.rows_written)
+        kill_point("cleanup")
+        work.clean()
         logger.info("Done: %d rows in %s (%.1f s)", summary.totals.rows, save_filepath, summary.duration_seconds)
         return Completed(message=f"{summary.totals.rows} rows done", data=summary.to_dict())
     reason = summary.stop_reason or "some rows have no result"
     logger.error("Stopped early: %s. The %d finished rows are in %s; run the same command again to continue",
-                 reason, summary.totals.rows_done, save_filepath)
+                 reason, summary.totals.rows_done, save_filepath if report.written else work.path)
     return Failed(message=f"stopped early: {reason}", data=summary.to_dict())
 
 
@@ -325,6 +424,25 @@ async def _dry_run(logger: Any, requests_filepath: str, request_url: str, token_
     return Completed(message="dry run: nothing sent", data=report.to_dict())
 
 
+async def _price_against_budget(logger: Any, source: str, job: ShardJob,
+                                transport_params: Optional[Dict[str, Any]]) -> None:
+    """Price the whole input in one pass before sending, and say what the budget covers."""
+    try:
+        plan = await asyncio.to_thread(plan_dry_run, source, job.request_url, TokenEstimator.for_name(job.token_encoding_name),
+                                       PriceTable.load(job.price_table), None, None, transport_params)
+    except Exception as error:  # pricing is advice: the budget is still kept request by request
+        logger.warning("Could not price the input before sending: %s", error)
+        return
+    cost = plan.estimated_cost_usd or 0.0
+    budget = job.budget_usd or 0.0
+    unpriced = sum(plan.models[model].requests for model in plan.unpriced_models)
+    covered = "all of it" if cost <= budget else f"about {100.0 * budget / cost:.0f}% of it" if cost else "none of it"
+    logger.info("Budget %s: the input's %d requests cost at most %s (completions at their maximum); the budget "
+                "covers %s%s", format_usd(budget), plan.requests, format_usd(cost), covered,
+                f"; {unpriced} requests of models with no price ({', '.join(plan.unpriced_models)}) will be error "
+                "records" if unpriced else "")
+
+
 def _read_model_limits(model_limits: Any) -> Dict[str, Dict[str, float]]:
     """Per-model limits from a mapping, or from the JSON file a string names."""
     if not model_limits:
@@ -355,28 +473,6 @@ def _finite(limit: Optional[float]) -> Optional[float]:
     return None if limit is None or math.isinf(limit) else limit
 
 
-def _part_infos(work: WorkLocation, shards: List[ShardSpec], trackers: List[StatusTracker]) -> List[PartInfo]:
-    """Where each shard's part is and the input line number its first line has."""
-    parts, first_line = [], 1
-    for shard, tracker in zip(shards, trackers):
-        parts.append(PartInfo(work.part_path(shard.index, shard.count), tracker.lines_read, first_line))
-        first_line += tracker.lines_read
-    return parts
-
-
-def _prepare_work(requests_filepath: str, save_filepath: str, work_dir: Optional[str], request_url: str,
-                  transport_params: Optional[Dict[str, Any]]) -> WorkLocation:
-    """Clean what a killed run left, and find or make the work location of this job."""
-    abort_stale_uploads(save_filepath, transport_params)
-    remove_stale_temporaries(save_filepath)
-    fingerprint = input_fingerprint(requests_filepath, transport_params)
-    work = WorkLocation.prepare(save_filepath, work_dir, fingerprint, request_url, source=requests_filepath)
-    if work.already_complete and not _output_exists(save_filepath, transport_params):
-        work.start_over()
-        work = WorkLocation.prepare(save_filepath, work_dir, fingerprint, request_url, source=requests_filepath)
-    return work
-
-
 def _shardable_source(requests_filepath: str, work: WorkLocation, transport_params: Optional[Dict[str, Any]]) -> str:
     """The input itself, or for a compressed input its decompressed copy in the work location."""
     if compression_of(requests_filepath) is None:
@@ -384,15 +480,6 @@ def _shardable_source(requests_filepath: str, work: WorkLocation, transport_para
     if not os.path.exists(work.decompressed_input):
         decompress_to(requests_filepath, work.decompressed_input, transport_params)
     return work.decompressed_input
-
-
-def _output_exists(save_filepath: str, transport_params: Optional[Dict[str, Any]]) -> bool:
-    """True when the output can be opened."""
-    try:
-        with open_input(save_filepath, transport_params):
-            return True
-    except Exception:
-        return False
 
 
 def _storage_failure(logger: Any, uri: str, error: BaseException) -> State:

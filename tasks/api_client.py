@@ -7,19 +7,23 @@ next. It looks at the HTTP status and at the error body, not at one magic string
     answer                                           outcome
     ===============================================  =====================================
     2xx with a JSON body                             SUCCESS
+    2xx with a body that is not JSON                 INVALID: paid for, so never sent again
     429 ``rate_limit_exceeded`` (or any other 429)   RATE_LIMITED: wait Retry-After, retry
     429 ``insufficient_quota``, 401, 403             STOP: stop dispatching, keep results
     400, 404, 422 and other 4xx                      INVALID: never retried
-    408, 409, 5xx, resets, timeouts, unreadable      RETRY: exponential backoff with jitter
+    408, 409, 5xx, resets, timeouts                  RETRY: exponential backoff with jitter
     ===============================================  =====================================
 
 The wait hint of a 429 comes from ``retry-after-ms``, ``Retry-After`` (seconds or an HTTP
 date), or ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens`` (``1s``, ``6m0s``,
-``83ms``, or plain seconds), in that order.
+``83ms``, or plain seconds), in that order. A wait the server asks for is capped at
+``MAX_SERVER_WAIT_SECONDS``, so a broken or hostile header cannot park a request for days.
 
 Authentication is ``Authorization: Bearer KEY``. Azure deployment URLs (any URL with
 ``/deployments`` in it, as the Cookbook script decides) get ``api-key: KEY`` instead. The key
-never appears in an ``ApiResult``: every error text goes through ``redact()``.
+never appears in an ``ApiResult``: every error text goes through ``redact()``. ``check_api_key``
+strips a key read from a file or a secret (a trailing newline) and refuses one that an HTTP
+header cannot carry, before anything is sent.
 
 Usage:
     >>> async with aiohttp.ClientSession() as session:
@@ -55,6 +59,8 @@ QUOTA_ERROR_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached
 # One part of a Go-style duration such as "6m0s" or "83ms".
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+# The longest wait a server's Retry-After or reset header can ask of one request.
+MAX_SERVER_WAIT_SECONDS = 120.0
 
 
 class Outcome(enum.Enum):
@@ -176,6 +182,8 @@ def decide(status: int, raw: bytes, headers: Mapping[str, str], api_key: Optiona
     """
     result = _decide_outcome(status, raw, headers, api_key)
     result.limits = server_limits(headers)
+    if result.error:
+        result.error = redact(result.error, api_key)
     return result
 
 
@@ -207,8 +215,8 @@ def _decide_outcome(status: int, raw: bytes, headers: Mapping[str, str], api_key
     label = code or kind or "error"
 
     if 200 <= status < 300:
-        if body is None:
-            return ApiResult(Outcome.RETRY, status, None, f"HTTP {status}: unreadable body: {_snippet(raw)!r}",
+        if body is None:  # answered (and billed): sending it again would pay again
+            return ApiResult(Outcome.INVALID, status, None, f"HTTP {status}: the answer is not JSON: {_snippet(raw)!r}",
                              cause="unreadable_body", request_id=request_id)
         if isinstance(body, dict) and "error" in body and not ({"choices", "data", "object"} & body.keys()):
             return ApiResult(Outcome.RETRY, status, body, f"HTTP {status} {label}: {message}",
@@ -230,7 +238,13 @@ def _decide_outcome(status: int, raw: bytes, headers: Mapping[str, str], api_key
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> Optional[float]:
-    """The wait a server asks for, in seconds, or None when it says nothing usable."""
+    """The wait a server asks for, in seconds (at most ``MAX_SERVER_WAIT_SECONDS``), or None when it says nothing usable."""
+    wait = _requested_wait(headers)
+    return None if wait is None else min(wait, MAX_SERVER_WAIT_SECONDS)
+
+
+def _requested_wait(headers: Mapping[str, str]) -> Optional[float]:
+    """The wait a server's headers ask for, uncapped."""
     milliseconds = headers.get("retry-after-ms")
     if milliseconds:
         try:
@@ -288,6 +302,26 @@ def auth_headers(api_key: Optional[str], azure: bool) -> Dict[str, str]:
         else:
             headers["Authorization"] = f"Bearer {api_key}"
     return headers
+
+
+def check_api_key(api_key: Optional[str]) -> Optional[str]:
+    """A key stripped of surrounding white space; None for none.
+
+    Raises:
+        ValueError: when the key holds characters an HTTP header cannot carry (the message never shows it).
+    """
+    if api_key is None:
+        return None
+    key = api_key.strip()
+    if not key:
+        return None
+    bad = [char for char in key if not 0x21 <= ord(char) <= 0x7E]
+    if bad:
+        kinds = sorted({"a line break" if char in "\r\n" else "a space" if char == " " else
+                        f"the character U+{ord(char):04X}" for char in bad})
+        raise ValueError(f"the API key contains {', '.join(kinds)}, which an HTTP header cannot carry; "
+                         "check how the key was set (a key file or secret with extra text?)")
+    return key
 
 
 def redact(text: str, secret: Optional[str]) -> str:

@@ -31,7 +31,6 @@ import smart_open
 # Local application imports
 from tasks.pricing import PriceTable
 from tasks.request_formats import InvalidLine, detect_shape, parse_line
-from tasks.sharding import HEAD_BYTES
 from tasks.storage import compression_of, is_remote
 from tasks.token_estimation import TokenEstimator, endpoint_of_url
 
@@ -171,7 +170,7 @@ def plan_dry_run(source: str, request_url: str, estimator: TokenEstimator, price
     compression = compression_of(source) or "disable"
     params = transport_params if is_remote(source) else None
     with smart_open.open(source, "rb", compression=compression, transport_params=params) as handle:
-        shape = detect_shape(handle.read(HEAD_BYTES))
+        shape = detect_shape(handle)
     with smart_open.open(source, "rb", compression=compression, transport_params=params) as handle:
         for line_number, raw in enumerate(handle, start=1):
             if not raw.strip():

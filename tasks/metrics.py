@@ -69,6 +69,7 @@ class StatusTracker:
     failed_invalid_request: int = 0
     failed_after_retries: int = 0
     failed_too_large: int = 0
+    failed_unpriced: int = 0
     not_sent: int = 0
     requests_sent: int = 0
     retries: int = 0
@@ -87,7 +88,7 @@ class StatusTracker:
     def rows_done(self) -> int:
         """Rows that have their final result (resumed ones included)."""
         return (self.resumed_rows + self.succeeded + self.invalid_lines + self.failed_invalid_request
-                + self.failed_after_retries + self.failed_too_large)
+                + self.failed_after_retries + self.failed_too_large + self.failed_unpriced)
 
     @property
     def failed(self) -> int:
@@ -195,6 +196,8 @@ class RunSummary:
         stop_reason: why dispatching stopped early, or None when every row has its result.
         error_examples: a few error texts (secrets removed).
         duration_seconds: the run's whole duration.
+        reused_rows: rows answered by earlier answers to the same requests (an edited input's unchanged rows).
+        output_note: what happened to the output when it was not written (a better one was kept).
     """
 
     source: str
@@ -206,6 +209,8 @@ class RunSummary:
     stop_reason: Optional[str] = None
     error_examples: List[str] = field(default_factory=list)
     duration_seconds: float = 0.0
+    reused_rows: int = 0
+    output_note: Optional[str] = None
 
     @property
     def complete(self) -> bool:
@@ -226,6 +231,8 @@ class RunSummary:
             "max_requests_per_minute": self.max_requests_per_minute,
             "max_tokens_per_minute": self.max_tokens_per_minute,
             "totals": totals,
+            "reused_rows": self.reused_rows,
+            "output_note": self.output_note,
             "shards": [shard.table_row() for shard in self.shards],
             "error_examples": self.error_examples,
         }
@@ -237,17 +244,19 @@ class RunSummary:
         lines = [
             f"# parallel-requests: {self.source}",
             "",
-            f"**{state}**. Output: `{self.output}`",
+            f"**{state}**. Output: `{self.output}`" + (f" ({self.output_note})" if self.output_note else ""),
             "",
             "| measure | value |",
             "| --- | --- |",
             f"| rows | {totals.rows:,} |",
             f"| rows resumed from an earlier run | {totals.resumed_rows:,} |",
+            f"| of which earlier answers reused for unchanged requests | {self.reused_rows:,} |",
             f"| requests sent again after an interruption | {totals.resent_requests:,} |",
             f"| succeeded | {totals.succeeded:,} |",
             f"| failed: invalid requests (4xx, not retried) | {totals.failed_invalid_request:,} |",
             f"| failed: after all attempts | {totals.failed_after_retries:,} |",
             f"| failed: too large for the token limit | {totals.failed_too_large:,} |",
+            f"| failed: no price for the model under a budget | {totals.failed_unpriced:,} |",
             f"| invalid input lines | {totals.invalid_lines:,} |",
             f"| not sent (run stopped) | {totals.not_sent:,} |",
             f"| HTTP requests sent | {totals.requests_sent:,} |",

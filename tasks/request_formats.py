@@ -17,8 +17,12 @@ Output, one line per non-blank input line, in input order:
                failures carry ``"error": {"code": ..., "message": ...}`` and the last HTTP answer
                in ``response`` when there was one.
 
-A line that is not JSON, not an object, or not a valid batch line becomes an ``InvalidLine``.
-The caller writes it as an error record naming the file and line. It never stops the run.
+A line that is not JSON, not an object, not a valid batch line, or whose fields the engine reads
+have the wrong type (``model`` a list, ``max_tokens`` a string...) becomes an ``InvalidLine``.
+The caller writes it as that row's error record naming the file and line. It never stops the run.
+
+A Batch line can never redirect the key: its ``url`` must be a path under the base URL (no
+scheme, no host, no ``..``), and its ``method`` must be POST.
 
 Usage:
     >>> shape = detect_shape(b'{"model": "m", "input": "hi"}\\n')
@@ -29,6 +33,8 @@ Usage:
 Pitfalls:
     - Work in bytes. ``str.splitlines()`` also splits on U+2028, which JSON strings may hold.
     - The Cookbook script appends metadata only when it is truthy; so do we.
+    - The shape is decided on the first line that parses as a JSON object, whatever its length
+      (a Batch line carrying a base64 image can be far over 64 KiB).
 """
 
 # Standard library imports
@@ -36,13 +42,18 @@ import enum
 import urllib.parse
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 # Local application imports
 from tasks import fast_json
+from tasks.row_identity import request_digest
 
 # The Cookbook script's default request URL (kept so its command lines work unchanged).
 DEFAULT_REQUEST_URL = "https://api.openai.com/v1/embeddings"
+# How many lines shape detection reads, at most, looking for one that parses as an object.
+SHAPE_DETECTION_LINES = 100
+# Body fields the engine reads that must be whole numbers (with their smallest allowed value).
+WHOLE_NUMBER_FIELDS = {"max_tokens": 0, "max_completion_tokens": 0, "max_output_tokens": 0, "n": 1, "best_of": 1}
 
 
 class RequestShape(enum.Enum):
@@ -64,6 +75,7 @@ class ParsedRequest:
         payload: ``body`` serialised, sent as is on every attempt.
         metadata: the cookbook line's metadata (never sent), or None.
         custom_id: the batch line's custom_id, or None.
+        digest: the request's identity digest (``tasks.row_identity``).
     """
 
     line_index: int
@@ -73,6 +85,16 @@ class ParsedRequest:
     payload: bytes
     metadata: Any = None
     custom_id: Optional[str] = None
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            self.digest = request_digest(self.method, self.url, self.body)
+
+    @property
+    def model(self) -> Optional[str]:
+        """The body's model (validated to be a string or absent)."""
+        return self.body.get("model")
 
 
 @dataclass
@@ -92,16 +114,20 @@ class InvalidLine:
     custom_id: Optional[str] = None
 
 
-def detect_shape(head: bytes) -> RequestShape:
-    """Detect a file's shape from its first bytes: the first line that parses decides.
+def detect_shape(lines: Union[bytes, Iterable[bytes]]) -> RequestShape:
+    """Detect a file's shape from its first complete lines: the first line that parses as an object decides.
 
     Args:
-        head: the first bytes of the file (a few kilobytes are enough).
+        lines: the file's lines (an open binary file will do), or a block of bytes holding whole lines.
 
     Returns:
         BATCH when that line has ``custom_id`` and ``body``; COOKBOOK otherwise.
     """
-    for raw in head.split(b"\n"):
+    if isinstance(lines, bytes):
+        lines = lines.split(b"\n")
+    for number, raw in enumerate(lines):
+        if number >= SHAPE_DETECTION_LINES:
+            break
         if not raw.strip():
             continue
         try:
@@ -138,6 +164,9 @@ def parse_line(raw: bytes, shape: RequestShape, request_url: str, line_index: in
         return _parse_batch_line(value, raw, request_url, line_index)
     had_metadata = "metadata" in value
     metadata = value.pop("metadata", None)
+    problem = body_problem(value)
+    if problem:
+        return InvalidLine(line_index, problem, raw.decode("utf-8", "replace"))
     # Without metadata the line itself is the body: send its bytes, with no second serialisation.
     payload = fast_json.dumps(value) if had_metadata else raw
     return ParsedRequest(line_index, request_url, "POST", value, payload, metadata=metadata)
@@ -186,14 +215,45 @@ def format_invalid_line(line: InvalidLine, shape: RequestShape, message: str) ->
                             "error": {"code": "invalid_request_line", "message": message}})
 
 
+def body_problem(body: Dict[str, Any]) -> Optional[str]:
+    """Why a request body cannot be sent as it is (a field the engine reads has the wrong type), or None.
+
+    Checks ``model`` (a string), the completion sizes and ``n`` (whole numbers), ``messages`` (a list
+    of objects), ``input`` and ``prompt`` (text, a list of texts, or token arrays), and ``stream``
+    (answers are read whole, so streaming is refused).
+    """
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        return f"model must be a string, got {_type_name(model)}"
+    for name, smallest in WHOLE_NUMBER_FIELDS.items():
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < smallest):
+            return f"{name} must be a whole number of at least {smallest}, got {_short(value)}"
+    messages = body.get("messages")
+    if messages is not None and (not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages)):
+        return "messages must be a list of objects"
+    for name in ("input", "prompt"):
+        value = body.get(name)
+        if value is not None and not _is_text_or_tokens(value):
+            return f"{name} must be a string, a list of strings, or token arrays, got {_type_name(value)}"
+    if body.get("stream") is True:
+        return "streamed answers are not supported: remove \"stream\": true"
+    return None
+
+
 def join_batch_url(request_url: str, path: str) -> str:
     """Join a batch line's ``url`` (a path such as /v1/chat/completions) to the base URL.
 
     The base is ``request_url`` up to its ``/v1`` segment (so a gateway prefix such as
-    ``/proxy/v1/embeddings`` is kept), or its origin when it has none. Absolute URLs pass through.
+    ``/proxy/v1/embeddings`` is kept), or its origin when it has none.
+
+    Raises:
+        ValueError: when ``path`` is not a plain path (a scheme, a host, ``..``, a backslash or a
+            control character): an input line must never send the key anywhere else.
     """
-    if path.startswith(("http://", "https://")):
-        return path
+    problem = _batch_path_problem(path)
+    if problem:
+        raise ValueError(problem)
     parts = urllib.parse.urlsplit(request_url)
     prefix = parts.path
     cut = prefix.find("/v1/") if "/v1/" in prefix else (prefix.find("/v1") if prefix.endswith("/v1") else -1)
@@ -219,10 +279,55 @@ def _parse_batch_line(value: Dict[str, Any], raw: bytes, request_url: str, line_
     if not isinstance(url, str) or not url:
         return InvalidLine(line_index, "a batch line needs a url such as /v1/chat/completions", text, custom_id)
     method = value.get("method", "POST")
-    if not isinstance(method, str) or method.upper() not in ("POST", "GET", "PUT", "DELETE", "PATCH"):
-        return InvalidLine(line_index, f"unsupported method {method!r}", text, custom_id)
-    return ParsedRequest(line_index, join_batch_url(request_url, url), method.upper(), body,
-                         fast_json.dumps(body), custom_id=custom_id)
+    if not isinstance(method, str) or method.upper() != "POST":
+        return InvalidLine(line_index, f"a batch line's method must be POST, got {_short(method)}", text, custom_id)
+    try:
+        target = join_batch_url(request_url, url)
+    except ValueError as error:
+        return InvalidLine(line_index, str(error), text, custom_id)
+    problem = body_problem(body)
+    if problem:
+        return InvalidLine(line_index, problem, text, custom_id)
+    return ParsedRequest(line_index, target, "POST", body, fast_json.dumps(body), custom_id=custom_id)
+
+
+def _batch_path_problem(path: str) -> Optional[str]:
+    """Why a batch line's url is not a plain path under the base URL, or None."""
+    parts = urllib.parse.urlsplit(path)
+    if parts.scheme or parts.netloc or path.startswith(("//", "\\")):
+        return f"a batch line's url must be a path such as /v1/chat/completions, not {_short(path)}"
+    if "\\" in path or any(ord(char) < 32 or ord(char) == 127 for char in path) or " " in path:
+        return f"a batch line's url has characters a path cannot hold: {_short(path)}"
+    decoded = urllib.parse.unquote(parts.path)
+    if any(segment in ("..", ".") for segment in decoded.split("/")):
+        return f"a batch line's url must not leave the base URL: {_short(path)}"
+    return None
+
+
+def _is_text_or_tokens(value: Any) -> bool:
+    """True for a string, a list of strings, a token array, or a list of token arrays."""
+    if isinstance(value, str):
+        return True
+    if not isinstance(value, list):
+        return False
+    return all(isinstance(item, str) or _is_token_array(item) for item in value) or _is_token_array(value)
+
+
+def _is_token_array(value: Any) -> bool:
+    """True for a list of whole numbers."""
+    return isinstance(value, list) and all(isinstance(item, int) and not isinstance(item, bool) for item in value)
+
+
+def _type_name(value: Any) -> str:
+    """A JSON type's name for messages: "list", "object", "number"..."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A value quoted for a message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _batch_request_id() -> str:

@@ -1,45 +1,66 @@
-"""Results: one part file per shard, then one output (file or URI) in input order, written atomically.
+"""Results: one part file per shard, then one output (file or URI) in input order, verified and written atomically.
 
 While a shard runs, records are appended to the shard's part file, unbuffered, in the order
-they happen, each tagged with the row's index inside the shard:
+they happen, each tagged with the row's index inside the shard and its identity digest
+(``tasks.row_identity``):
 
-    <line_index> TAB s TAB                                 the request is about to be sent
-    <line_index> TAB r TAB <the output line>               a request's final result
-    <line_index> TAB i TAB {"reason": ..., "raw": ...}     an invalid input line
+    <line_index> TAB s TAB <digest> TAB                    the request is about to be sent
+    <line_index> TAB r TAB <digest> TAB <output line>      a request's final result (the server answered)
+    <line_index> TAB f TAB <digest> TAB <output line>      a request that failed with no answer (timeouts,
+                                                           connection errors): final for this input, but
+                                                           never reused for an edited one
+    <line_index> TAB x TAB <digest> TAB <output line>      a row's error decided here, nothing paid
+                                                           (no price, too large): decided again on a rerun
+    <line_index> TAB i TAB - TAB {"reason": ..., "raw": ...}   an invalid input line
+    <lines_read> TAB E TAB - TAB <rows>                    the shard read every line; <rows> non-blank
 
 Memory stays flat however long the input is: nothing waits in memory for the rows before it.
 Every record reaches the operating system as it is written, so a killed process loses no
 finished row. ``read_part_state()`` tells a resumed shard which rows are done, and how many
 were sent but never answered (they will be sent again). A record torn by a kill is cut off
-when the part is reopened.
+when the part is reopened; a damaged record anywhere else is skipped (its row is sent again
+rather than the shard failing on every rerun). The last final record of a row wins.
 
 At the end, ``assemble_output()`` reads each part. It builds an index from row number to byte
-offset (8 bytes a row) and writes the rows in input order through
-``tasks.storage.open_atomic_output``. The result is a temporary file that is fsynced and renamed
-over the output, or a multipart upload completed only on success. This is also where invalid
-lines get their message with the file's line number, which is known only once the shards
-before have been counted.
+offset (8 bytes a row), checks that every non-blank line has its record when the job is to be
+complete, and writes the rows in input order through ``tasks.storage.open_atomic_output``: a
+temporary file that is fsynced and renamed over the output, or a multipart upload completed only
+on success. Nothing is renamed when the count is wrong. Beside it, the digest of every output
+line goes to a digests file, so the output can later be read back as paid answers
+(``iter_output_answers``). This is also where invalid lines get their message with the file's
+line number, which is known only once the shards before have been counted.
 
 Usage:
     >>> with PartWriter(work.part_path(0, 1)) as part:
-    ...     part.write_result(0, b'[{"model": "m"}, {"data": []}]')
-    >>> report = assemble_output("out.jsonl", [PartInfo(path, line_count=1, first_line_number=1)],
-    ...                          RequestShape.COOKBOOK, "requests.jsonl")
+    ...     part.write_result(0, digest, b'[{"model": "m"}, {"data": []}]')
+    ...     part.write_end(1, 1)
+    >>> report = assemble_output("out.jsonl", [PartInfo(path, first_line_number=1)],
+    ...                          RequestShape.COOKBOOK, "requests.jsonl", require_complete=True)
 """
 
 # Standard library imports
 import array
 import os
+import uuid
 from dataclasses import dataclass, field
-from typing import IO, Any, Dict, List, Optional, Sequence, Set
+from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 # Local application imports
 from tasks import fast_json
-from tasks.request_formats import InvalidLine, RequestShape, format_invalid_line
-from tasks.storage import open_atomic_output
+from tasks.crash_points import kill_point
+from tasks.request_formats import InvalidLine, ParsedRequest, RequestShape, format_invalid_line, format_result
+from tasks.row_identity import NO_DIGEST, is_digest
+from tasks.storage import open_atomic_output, open_output_for_reading
 
 # How many example messages of invalid lines the assembly keeps for the summary.
 EXAMPLE_LIMIT = 5
+# Record kinds that settle a row for good, and the one that settles it only until the next run.
+DONE_KINDS = (b"r", b"f", b"i")
+FINAL_KINDS = (b"r", b"f", b"i", b"x")
+
+
+class IncompleteOutput(RuntimeError):
+    """Raised instead of writing an output that would lack rows (nothing is renamed or uploaded)."""
 
 
 @dataclass
@@ -48,13 +69,13 @@ class PartInfo:
 
     Attributes:
         path: the part file.
-        line_count: how many lines the shard read (blank lines included).
         first_line_number: the input's line number (from 1) of the shard's first line.
+        line_count: how many lines the shard read, when known from elsewhere (the part's end record wins).
     """
 
     path: str
-    line_count: int
-    first_line_number: int
+    first_line_number: int = 1
+    line_count: Optional[int] = None
 
 
 @dataclass
@@ -63,11 +84,17 @@ class AssemblyReport:
 
     Attributes:
         rows_written: output lines written.
+        rows_expected: non-blank input lines the parts say there are (None when a part never ended).
         invalid_line_examples: the first few invalid-line messages, with their line numbers.
+        digests_path: the file holding each output line's digest, when one was written.
+        written: False when the output was left as it was (see ``assemble_output``).
     """
 
     rows_written: int = 0
+    rows_expected: Optional[int] = None
     invalid_line_examples: List[str] = field(default_factory=list)
+    digests_path: Optional[str] = None
+    written: bool = True
 
 
 @dataclass
@@ -77,30 +104,44 @@ class PartState:
     Attributes:
         done: indexes of rows with their final record.
         sent_unfinished: rows that were sent but have no final record (a crash cut them off).
+        lines_read: the lines the shard read, when it read them all (its end record), else None.
+        rows: the shard's non-blank lines, when it read them all, else None.
     """
 
     done: Set[int] = field(default_factory=set)
     sent_unfinished: int = 0
+    lines_read: Optional[int] = None
+    rows: Optional[int] = None
 
 
 def read_part_state(path: str) -> PartState:
     """Read which rows of a shard are done (an absent part: none)."""
     state = PartState()
     sent: Set[int] = set()
-    if not os.path.exists(path):
-        return state
-    with open(path, "rb") as handle:
-        for raw in handle:
-            first_tab = raw.find(b"\t")
-            if first_tab <= 0 or not raw.endswith(b"\n"):
-                continue
-            index = int(raw[:first_tab])
-            if raw[first_tab + 1:first_tab + 2] == b"s":
-                sent.add(index)
-            else:
-                state.done.add(index)
+    for index, kind, _, payload, _ in iter_part_records(path):
+        if kind == b"s":
+            sent.add(index)
+        elif kind in DONE_KINDS:
+            state.done.add(index)
+        elif kind == b"x":
+            state.done.discard(index)
+        elif kind == b"E" and payload.isdigit():
+            state.lines_read, state.rows = index, int(payload)
     state.sent_unfinished = len(sent - state.done)
     return state
+
+
+def iter_part_records(path: str) -> Iterator[Tuple[int, bytes, str, bytes, int]]:
+    """Yield ``(index, kind, digest, payload, offset)`` for every well-formed record of a part, in file order."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as handle:
+        position = 0
+        for raw in handle:
+            record = _parse_record(raw)
+            if record is not None:
+                yield (*record, position)
+            position += len(raw)
 
 
 class PartWriter:
@@ -112,27 +153,35 @@ class PartWriter:
         _cut_torn_tail(path)
         self._handle: Optional[IO[bytes]] = open(path, "ab", buffering=0)
 
-    def write_sent(self, line_index: int) -> None:
-        """Record that a row's request is about to be sent for the first time."""
-        assert self._handle is not None
-        self._handle.write(b"%d\ts\t\n" % line_index)
-
     def __enter__(self) -> "PartWriter":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def write_result(self, line_index: int, output_line: bytes) -> None:
-        """Record a request's final output line (UTF-8 JSON, without a newline)."""
-        assert self._handle is not None
-        self._handle.write(b"%d\tr\t%b\n" % (line_index, output_line))
+    def write_sent(self, line_index: int, digest: str) -> None:
+        """Record that a row's request is about to be sent for the first time."""
+        self._write(line_index, b"s", digest, b"")
+
+    def write_result(self, line_index: int, digest: str, output_line: bytes, answered: bool = True) -> None:
+        """Record a request's final output line (UTF-8 JSON, without a newline).
+
+        ``answered`` is False for a request that failed without any answer from the server.
+        """
+        self._write(line_index, b"r" if answered else b"f", digest, output_line)
+
+    def write_local_error(self, line_index: int, digest: str, output_line: bytes) -> None:
+        """Record a row's error decided without sending it (decided again by the next run)."""
+        self._write(line_index, b"x", digest, output_line)
 
     def write_invalid(self, line: InvalidLine) -> None:
         """Record an invalid input line; its message is completed at assembly."""
-        assert self._handle is not None
         envelope = {"reason": line.reason, "raw": line.raw_text, "custom_id": line.custom_id}
-        self._handle.write(b"%d\ti\t%b\n" % (line.line_index, fast_json.dumps(envelope)))
+        self._write(line.line_index, b"i", NO_DIGEST, fast_json.dumps(envelope))
+
+    def write_end(self, lines_read: int, rows: int) -> None:
+        """Record that the shard read all its lines: how many, and how many were not blank."""
+        self._write(lines_read, b"E", NO_DIGEST, b"%d" % rows)
 
     def close(self) -> None:
         """Fsync and close the part."""
@@ -141,9 +190,15 @@ class PartWriter:
             self._handle.close()
             self._handle = None
 
+    def _write(self, index: int, kind: bytes, digest: str, payload: bytes) -> None:
+        """Append one record in one write."""
+        assert self._handle is not None
+        self._handle.write(b"%d\t%b\t%b\t%b\n" % (index, kind, digest.encode("ascii"), payload))
+
 
 def assemble_output(save_path: str, parts: Sequence[PartInfo], shape: RequestShape, source_name: str,
-                    transport_params: Optional[Dict[str, Any]] = None) -> AssemblyReport:
+                    transport_params: Optional[Dict[str, Any]] = None, require_complete: bool = False,
+                    digests_path: Optional[str] = None, existing_rows: Optional[int] = None) -> AssemblyReport:
     """Write every part's rows, in input order, to ``save_path`` (a path or URI) atomically.
 
     Args:
@@ -152,53 +207,207 @@ def assemble_output(save_path: str, parts: Sequence[PartInfo], shape: RequestSha
         shape: the input's shape (for invalid-line records).
         source_name: the input's name, for invalid-line messages.
         transport_params: smart-open's transport parameters for a remote output.
+        require_complete: raise ``IncompleteOutput`` (writing nothing) unless every part ended and
+            every non-blank line has its record.
+        digests_path: a local file for each output line's digest (written atomically), or None.
+        existing_rows: the lines of the output already there (None: none). An incomplete output is
+            not written over one with as many lines or more (never replace an output with a worse
+            one); ``report.written`` is then False.
 
     Returns:
         What was written.
+
+    Raises:
+        IncompleteOutput: see ``require_complete``.
     """
     report = AssemblyReport()
-    with open_atomic_output(save_path, transport_params) as output:
-        for part in parts:
-            report.rows_written += _copy_part_in_order(part, output, shape, source_name, report)
+    indexes = [_index_part(part) for part in parts]
+    present = sum(index.present for index in indexes)
+    if all(index.rows is not None for index in indexes):
+        report.rows_expected = sum(index.rows or 0 for index in indexes)
+    if require_complete and report.rows_expected != present:
+        missing = "a shard never finished reading" if report.rows_expected is None else \
+            f"{report.rows_expected - present} of {report.rows_expected} rows have no result"
+        raise IncompleteOutput(f"not writing {save_path}: {missing}")
+    if not require_complete and existing_rows is not None and existing_rows >= present:
+        report.written = False
+        report.rows_written = present
+        return report
+    digests_temporary = f"{digests_path}.{uuid.uuid4().hex}.tmp" if digests_path else None
+    try:
+        with open_atomic_output(save_path, transport_params) as output, \
+                (open(digests_temporary, "wb") if digests_temporary else _NullWriter()) as digests:
+            first_line = 1
+            for part, index in zip(parts, indexes):
+                report.rows_written += _copy_part_in_order(part, index, first_line, output, digests, shape,
+                                                           source_name, report)
+                first_line += index.lines_read if index.lines_read is not None else (part.line_count or 0)
+                if report.rows_written >= present // 2:
+                    kill_point("assembly")
+            if report.rows_written != present:
+                raise IncompleteOutput(f"not writing {save_path}: wrote {report.rows_written} rows of {present}")
+            kill_point("rename")
+            if digests_temporary:
+                digests.flush()
+                os.fsync(digests.fileno())
+        if digests_temporary and digests_path:
+            os.replace(digests_temporary, digests_path)
+            report.digests_path = digests_path
+    finally:
+        if digests_temporary and os.path.exists(digests_temporary):
+            os.remove(digests_temporary)
     return report
+
+
+def count_lines(save_path: str, transport_params: Optional[Dict[str, Any]] = None) -> Optional[int]:
+    """How many lines an existing output has, or None when there is none (or it cannot be read)."""
+    try:
+        with open_output_for_reading(save_path, transport_params) as handle:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    except Exception:
+        return None
+
+
+def iter_output_answers(save_path: str, digests_path: str,
+                        transport_params: Optional[Dict[str, Any]] = None) -> Iterator[Tuple[str, bytes]]:
+    """Yield ``(digest, output line)`` for every answered row of a finished output, in its order."""
+    with open(digests_path, "rb") as digests, open_output_for_reading(save_path, transport_params) as output:
+        for digest_line, output_line in zip(digests, output):
+            digest = digest_line.strip().decode("ascii", "replace")
+            if is_digest(digest) and output_line.endswith(b"\n"):
+                yield digest, output_line.rstrip(b"\n")
+
+
+def iter_part_answers(path: str) -> Iterator[Tuple[str, int]]:
+    """Yield ``(digest, offset of the record)`` for every answered row of a part, in line order."""
+    final: Dict[int, Tuple[bytes, str, int]] = {}
+    for index, kind, digest, _, offset in iter_part_records(path):
+        if kind in FINAL_KINDS:
+            final[index] = (kind, digest, offset)
+    for index in sorted(final):
+        kind, digest, offset = final[index]
+        if kind == b"r" and is_digest(digest):
+            yield digest, offset
+
+
+def read_record_payload(path: str, offset: int) -> bytes:
+    """The payload (output line) of the record at ``offset`` of a part."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        record = _parse_record(handle.readline())
+    if record is None:
+        raise ValueError(f"{path}: no record at byte {offset}")
+    return record[3]
+
+
+def reformat_answer(output_line: bytes, request: ParsedRequest, shape: RequestShape) -> bytes:
+    """An earlier output line's answer, written for ``request`` (its metadata, custom_id and shape).
+
+    Raises:
+        ValueError: when the line is not an output line of either shape.
+    """
+    value = fast_json.loads(output_line)
+    if isinstance(value, list) and len(value) >= 2:
+        answer = value[1]
+        if isinstance(answer, list):
+            return format_result(request, shape, None, None, None, [str(item) for item in answer], None)
+        return format_result(request, shape, 200, answer, None, None, None)
+    if isinstance(value, dict) and "response" in value:
+        response = value.get("response") or {}
+        error = value.get("error")
+        status = response.get("status_code") if isinstance(response, dict) else None
+        body = response.get("body") if isinstance(response, dict) else None
+        request_id = response.get("request_id") if isinstance(response, dict) else None
+        if isinstance(error, dict):
+            return format_result(request, shape, status, body, request_id, [str(error.get("message", ""))],
+                                 str(error.get("code") or "request_failed"))
+        return format_result(request, shape, status, body, request_id, None, None)
+    raise ValueError("not an output line")
 
 
 # Helpers
 
 
-def _copy_part_in_order(part: PartInfo, output: IO[bytes], shape: RequestShape, source_name: str,
-                        report: AssemblyReport) -> int:
+@dataclass
+class _PartIndex:
+    """Where each row's final record sits in a part, and what the part's end record says."""
+
+    offsets: "array.array[int]"
+    present: int
+    lines_read: Optional[int]
+    rows: Optional[int]
+
+
+class _NullWriter:
+    """A writer that drops what it is given (no digests file wanted)."""
+
+    def __enter__(self) -> "_NullWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def _index_part(part: PartInfo) -> _PartIndex:
+    """Index a part: the offset of each row's last final record, and its end record."""
+    lines_read, rows = part.line_count, None
+    offsets: Dict[int, int] = {}
+    for index, kind, _, payload, offset in iter_part_records(part.path):
+        if kind in FINAL_KINDS:
+            offsets[index] = offset
+        elif kind == b"E" and payload.isdigit():
+            lines_read, rows = index, int(payload)
+    if lines_read is not None:
+        offsets = {index: offset for index, offset in offsets.items() if index < lines_read}
+    size = max(lines_read or 0, max(offsets) + 1 if offsets else 0)
+    table = array.array("q", [-1]) * size
+    for index, offset in offsets.items():
+        table[index] = offset
+    return _PartIndex(table, len(offsets), lines_read, rows)
+
+
+def _copy_part_in_order(part: PartInfo, index: _PartIndex, first_line: int, output: IO[bytes], digests: Any,
+                        shape: RequestShape, source_name: str, report: AssemblyReport) -> int:
     """Copy one part's rows into ``output`` in line order; return how many were written."""
-    if part.line_count == 0 or not os.path.exists(part.path):
+    written = 0
+    if not index.present:
         return 0
-    offsets = array.array("q", [-1]) * part.line_count
     with open(part.path, "rb") as handle:
-        position = 0
-        for raw in iter(handle.readline, b""):
-            tab = raw.find(b"\t")
-            if tab > 0 and raw.endswith(b"\n") and raw[tab + 1:tab + 2] != b"s":
-                index = int(raw[:tab])
-                if 0 <= index < part.line_count and offsets[index] < 0:
-                    offsets[index] = position
-            position += len(raw)
-        written = 0
-        for index in range(part.line_count):
-            if offsets[index] < 0:
+        for line_index, offset in enumerate(index.offsets):
+            if offset < 0:
                 continue
-            handle.seek(offsets[index])
-            raw = handle.readline()
-            first_tab = raw.index(b"\t")
-            kind, payload = raw[first_tab + 1 : first_tab + 2], raw[first_tab + 3 :]
+            handle.seek(offset)
+            record = _parse_record(handle.readline())
+            if record is None:  # the file changed under us: stop rather than write a wrong row
+                raise IncompleteOutput(f"{part.path} changed during assembly")
+            _, kind, digest, payload = record
             if kind == b"i":
                 envelope = fast_json.loads(payload)
-                message = f"{source_name} line {part.first_line_number + index}: {envelope['reason']}"
+                message = f"{source_name} line {first_line + line_index}: {envelope['reason']}"
                 if len(report.invalid_line_examples) < EXAMPLE_LIMIT:
                     report.invalid_line_examples.append(message)
-                line = InvalidLine(index, envelope["reason"], envelope["raw"], envelope.get("custom_id"))
-                payload = format_invalid_line(line, shape, message) + b"\n"
-            output.write(payload)
+                line = InvalidLine(line_index, envelope["reason"], envelope["raw"], envelope.get("custom_id"))
+                payload = format_invalid_line(line, shape, message)
+            output.write(payload + b"\n")
+            digests.write((digest if kind == b"r" else NO_DIGEST).encode("ascii") + b"\n")
             written += 1
     return written
+
+
+def _parse_record(raw: bytes) -> Optional[Tuple[int, bytes, str, bytes]]:
+    """One record's ``(index, kind, digest, payload)``, or None for a torn or damaged record."""
+    if not raw.endswith(b"\n"):
+        return None
+    fields = raw[:-1].split(b"\t", 3)
+    if len(fields) != 4 or not fields[0].isdigit() or len(fields[1]) != 1:
+        return None
+    digest = fields[2].decode("ascii", "replace")
+    if digest != NO_DIGEST and not is_digest(digest):
+        return None
+    return int(fields[0]), fields[1], digest, fields[3]
 
 
 def _cut_torn_tail(path: str) -> None:

@@ -20,11 +20,15 @@ For each line of its range, the task:
 Each row's final result is appended to the shard's part file as soon as it is known (see
 ``tasks.results_storage``). A resumed shard skips the rows its part already holds.
 
-Resume and caching: a shard that finished every row returns its ``StatusTracker`` in a
-Completed state. The state is persisted and cached under the run's work id and the shard's
-range, so running the same command again skips it (Prefect shows it as Cached). A shard cut
-short by a stop returns a Failed state carrying its tracker; it is never cached, and the next
-run continues it.
+Resume: the part file is the one truth about which rows are done. A shard that finished every
+row returns its ``StatusTracker`` in a Completed state; run again, it reads its lines, finds them
+all done and sends nothing. A shard cut short by a stop returns a Failed state carrying its
+tracker, and the next run continues it. When it has read every line, the shard writes an end
+record (lines and rows), which the assembly checks the output against.
+
+One row never costs the shard: a row whose fields have the wrong type is that row's error record
+(``tasks.request_formats``), a row whose model has no price under a budget is that row's error,
+and anything unexpected while a row is prepared or sent becomes that row's internal error.
 
 Usage (inside an async flow, with every shard awaited together):
     >>> states = await asyncio.gather(*(process_shard(shard, part_path(shard), work_id, quote(state),
@@ -40,6 +44,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 # Third-party imports
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run as current_task_run
 from prefect.states import Failed
 
@@ -67,8 +72,8 @@ YIELD_EVERY_LINES = 32
 @task(
     name="process-shard",
     tags=["parallel-requests"],
-    cache_key_fn=lambda context, parameters: _shard_cache_key(parameters),
-    persist_result=True,
+    cache_policy=NO_CACHE,
+    persist_result=False,
     task_run_name=lambda: _shard_run_name(),
 )
 async def process_shard(shard: ShardSpec, part_path: str, work_id: str, state: "SharedRunState") -> Any:
@@ -77,7 +82,7 @@ async def process_shard(shard: ShardSpec, part_path: str, work_id: str, state: "
     Args:
         shard: the byte range to process.
         part_path: the part file to append results to (rows already in it are skipped).
-        work_id: the run's work id (part of the cache key).
+        work_id: the job's generation id (names the run's work; kept for the task's parameters).
         state: the run's shared engine, client and counters (pass it wrapped in ``quote()``).
 
     Returns:
@@ -162,17 +167,20 @@ class SharedRunState:
         return self.stop_reason or self.dispatch_closed
 
     def reserve_budget(self, request: ParsedRequest, prompt_tokens: int, completion_tokens: int) -> Optional[float]:
-        """Reserve the most a request may cost; None (and the run stops) when the budget cannot cover it."""
+        """Reserve the most a request may cost; None (and dispatching closes) when the budget cannot cover it.
+
+        Raises:
+            Unpriceable: when there is a budget and the request's model has no price (that row's error).
+        """
         if self.budget_usd is None:
             return 0.0
-        model = request.body.get("model")
+        model = request.model
         worst = self.prices.cost(model, prompt_tokens, completion_tokens) if self.prices else None
         if worst is None:
-            self.close_dispatch(f"no price for model {model!r} to keep the budget of ${self.budget_usd:,.2f}; "
-                                "add it with --price-table")
-            return None
+            raise Unpriceable(f"no price for model {model!r}, so it cannot be kept within the budget of "
+                              f"{format_usd(self.budget_usd)}; add its price with --price-table")
         if self.spent_usd + self.reserved_usd + worst > self.budget_usd:
-            self.close_dispatch(f"budget of ${self.budget_usd:,.2f} reached")
+            self.close_dispatch(f"budget of {format_usd(self.budget_usd)} reached")
             return None
         self.reserved_usd += worst
         return worst
@@ -186,6 +194,15 @@ class SharedRunState:
         """Keep an error text as an example for the summary."""
         if len(self.error_examples) < ERROR_EXAMPLE_LIMIT and text not in self.error_examples:
             self.error_examples.append(text)
+
+
+class Unpriceable(ValueError):
+    """Raised when a request cannot be priced under a budget."""
+
+
+def format_usd(amount: float) -> str:
+    """US dollars with the digits that matter: $0.002, $1.50, $1,234.5."""
+    return f"${amount:,.2f}" if amount >= 1 or round(amount, 2) == amount else f"${amount:,.6g}"
 
 
 @dataclass
@@ -223,33 +240,48 @@ class _ShardWorker:
             if isinstance(parsed, InvalidLine):
                 self._record_invalid_line(part, parsed, offset, len(raw))
                 continue
-            prompt_tokens, completion_tokens = self._estimate(parsed)
-            tokens = prompt_tokens + completion_tokens
-            reserved_usd = self.state.reserve_budget(parsed, prompt_tokens, completion_tokens)
-            if reserved_usd is None:  # the budget cannot cover this request: stop dispatching
-                self.tracker.not_sent += 1
-                continue
-            lane = self.state.limiter.lane_for(parsed.body.get("model"), endpoint_of_url(parsed.url))
             try:
-                ready = lane.try_take_buckets(tokens)
-            except RequestNeverFits as error:
-                self.state.settle_budget(reserved_usd, 0.0)
-                self._finish(part, parsed, len(raw), None, None, None, [str(error)], "request_too_large")
-                self.tracker.failed_too_large += 1
-                continue
-            if ready:
-                # Its model's buckets serve it now: wait here for a shared in-flight slot, then send.
-                await lane.take_slot()
-                job = asyncio.create_task(self._send_granted(part, parsed, lane, tokens, len(raw), reserved_usd))
-            else:
-                # It waits in its own model's lane, so a slow model never holds up a fast one;
-                # the window bounds how many wait at once (and so the memory they take).
-                await self.state.pending_window.acquire()
-                job = asyncio.create_task(self._dispatch(part, parsed, lane, tokens, len(raw), reserved_usd))
-            self._pending.add(job)
-            job.add_done_callback(self._pending.discard)
+                await self._start_row(part, parsed, len(raw))
+            except Exception as error:  # a bug must cost one row, never the shard
+                self.logger.exception("%s line +%d: unexpected error", self.shard.label, line_index)
+                self.tracker.failed_after_retries += 1
+                self._finish_locally(part, parsed, len(raw), f"internal error: {error!r}", "internal_error")
         if self._pending:
             await asyncio.gather(*list(self._pending))
+        part.write_end(self.tracker.lines_read, self.tracker.rows)
+
+    async def _start_row(self, part: PartWriter, parsed: ParsedRequest, line_bytes: int) -> None:
+        """Estimate, budget and queue one valid row (its send runs in a task of its own)."""
+        prompt_tokens, completion_tokens = self._estimate(parsed)
+        tokens = prompt_tokens + completion_tokens
+        try:
+            reserved_usd = self.state.reserve_budget(parsed, prompt_tokens, completion_tokens)
+        except Unpriceable as error:  # that row's error; the rest keep to the budget
+            self.tracker.failed_unpriced += 1
+            self._finish_locally(part, parsed, line_bytes, str(error), "unpriced_model")
+            return
+        if reserved_usd is None:  # the budget cannot cover this request: stop dispatching
+            self.tracker.not_sent += 1
+            return
+        lane = self.state.limiter.lane_for(parsed.model, endpoint_of_url(parsed.url))
+        try:
+            ready = lane.try_take_buckets(tokens)
+        except RequestNeverFits as error:
+            self.state.settle_budget(reserved_usd, 0.0)
+            self.tracker.failed_too_large += 1
+            self._finish_locally(part, parsed, line_bytes, str(error), "request_too_large")
+            return
+        if ready:
+            # Its model's buckets serve it now: wait here for a shared in-flight slot, then send.
+            await lane.take_slot()
+            job = asyncio.create_task(self._send_granted(part, parsed, lane, tokens, line_bytes, reserved_usd))
+        else:
+            # It waits in its own model's lane, so a slow model never holds up a fast one;
+            # the window bounds how many wait at once (and so the memory they take).
+            await self.state.pending_window.acquire()
+            job = asyncio.create_task(self._dispatch(part, parsed, lane, tokens, line_bytes, reserved_usd))
+        self._pending.add(job)
+        job.add_done_callback(self._pending.discard)
 
     async def _dispatch(self, part: PartWriter, request: ParsedRequest, lane: Lane, tokens: int,
                         line_bytes: int, reserved_usd: float) -> None:
@@ -264,8 +296,8 @@ class _ShardWorker:
                 return
             except RequestNeverFits as error:  # the limit learned meanwhile is below this request
                 self.state.settle_budget(reserved_usd, 0.0)
-                self._finish(part, request, line_bytes, None, None, None, [str(error)], "request_too_large")
                 self.tracker.failed_too_large += 1
+                self._finish_locally(part, request, line_bytes, str(error), "request_too_large")
                 return
             await self._send_granted(part, request, lane, tokens, line_bytes, reserved_usd)
         finally:
@@ -279,7 +311,7 @@ class _ShardWorker:
             lane.release(tokens)
             self.tracker.not_sent += 1
             return
-        part.write_sent(request.line_index)
+        part.write_sent(request.line_index, request.digest)
         await self._send_until_settled(part, request, lane, tokens, line_bytes, reserved_usd)
 
     async def _send_until_settled(self, part: PartWriter, request: ParsedRequest, lane: Lane, tokens: int,
@@ -395,7 +427,7 @@ class _ShardWorker:
         completion = completion if isinstance(completion, int) else 0
         self.tracker.prompt_tokens_used += prompt
         self.tracker.completion_tokens_used += completion
-        cost = self.state.prices.cost(request.body.get("model"), prompt, completion) if self.state.prices else None
+        cost = self.state.prices.cost(request.model, prompt, completion) if self.state.prices else None
         if cost is None:
             self.tracker.unpriced_requests += 1
         else:
@@ -413,21 +445,25 @@ class _ShardWorker:
 
     def _finish(self, part: PartWriter, request: ParsedRequest, line_bytes: int, status: Optional[int], body: Any,
                 request_id: Optional[str], errors: Optional[List[str]], error_code: Optional[str]) -> None:
-        """Write a request's final result and count the row as done."""
+        """Write a request's final result (the server answered, or it was sent) and count the row as done."""
         shape = self.state.settings.shape
-        part.write_result(request.line_index, format_result(request, shape, status, body, request_id, errors, error_code))
+        part.write_result(request.line_index, request.digest,
+                          format_result(request, shape, status, body, request_id, errors, error_code),
+                          answered=status is not None)
+        self.state.progress.advance(line_bytes)
+
+    def _finish_locally(self, part: PartWriter, request: ParsedRequest, line_bytes: int, error: str,
+                        error_code: str) -> None:
+        """Write a row's error decided here, before anything was paid (decided again on a rerun)."""
+        self.state.note_error(error)
+        part.write_local_error(request.line_index, request.digest,
+                               format_result(request, self.state.settings.shape, None, None, None, [error], error_code))
         self.state.progress.advance(line_bytes)
 
     def _log_failure(self, request: ParsedRequest, result: ApiResult, attempts: int) -> None:
         """Warn about a request that failed for good."""
         self.logger.warning("%s line +%d failed after %d attempt(s): %s (request id %s)", self.shard.label,
                             request.line_index, attempts, result.error, result.request_id or "-")
-
-
-def _shard_cache_key(parameters: Dict[str, Any]) -> str:
-    """The cache key of a shard: the run's work id (which follows the input's content) and the range."""
-    shard = parameters["shard"]
-    return f"parallel-requests-{parameters['work_id']}-{shard.index}-{shard.count}-{shard.start}-{shard.end}"
 
 
 def _shard_run_name() -> str:

@@ -134,7 +134,7 @@ async def run_shards_here(job: ShardJob, shards: Sequence[ShardSpec], part_paths
         job: the run's settings.
         shards: the shards to run here.
         part_paths: each shard's part file.
-        work_id: the run's work id (part of the shard cache keys).
+        work_id: the job's generation id.
         progress: the progress counter the shards advance.
         api_key: the key (read by the caller from the place the job names).
         transport_params: smart-open's transport parameters for the input.
@@ -187,11 +187,6 @@ async def trackers_of(states: Sequence[State], shards: Sequence[ShardSpec], stat
     trackers: List[StatusTracker] = []
     for shard, outcome in zip(shards, states):
         value = await outcome.aresult(raise_on_failure=False)
-        if isinstance(value, StatusTracker) and outcome.name == "Cached":
-            # Finished by an earlier run: all its rows are resumed, none was sent now.
-            trackers.append(StatusTracker(shard=value.shard, lines_read=value.lines_read,
-                                          blank_lines=value.blank_lines, rows=value.rows, resumed_rows=value.rows))
-            continue
         if isinstance(value, StatusTracker):
             trackers.append(value)
             continue

@@ -23,14 +23,13 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple
 
 # Local application imports
+from tasks.request_formats import RequestShape, detect_shape
 from tasks.storage import input_size, open_input, open_range
 
 # How many bytes of input one shard gets when the count is not given.
 BYTES_PER_SHARD = 8 * 1024 * 1024
 # The most shards the automatic count chooses (a flag can ask for more).
 MAX_AUTOMATIC_SHARDS = 64
-# How many bytes are read to detect the file's shape.
-HEAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -100,10 +99,10 @@ def iter_shard_lines(shard: ShardSpec, transport_params: Optional[Dict[str, Any]
         yield from _lines_in_range(handle, shard.start, shard.end)
 
 
-def read_head(source: str, limit: int = HEAD_BYTES, transport_params: Optional[Dict[str, Any]] = None) -> bytes:
-    """The first ``limit`` bytes of an input (to detect its shape)."""
+def detect_source_shape(source: str, transport_params: Optional[Dict[str, Any]] = None) -> RequestShape:
+    """The input's shape, decided on its first complete line that parses, whatever its length."""
     with open_input(source, transport_params) as handle:
-        return handle.read(limit)
+        return detect_shape(handle)
 
 
 # Helpers

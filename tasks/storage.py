@@ -5,8 +5,8 @@ Features:
       one shard: on S3 with GETs bounded to the shard's bytes (plus 64 KiB for its last line, and
       more in 64 KiB steps only when that line is longer). However many shards there are, the
       bytes fetched stay close to the object's size.
-    - ``input_fingerprint`` identifies an input's content without reading all of it: size, the
-      object's ETag or the file's modification time, and a hash of its first and last 64 KiB.
+    - ``input_fingerprint`` identifies an input's content by its bytes: an S3 object's size and
+      ETag, or a SHA-256 of the whole file. A touched or re-downloaded input keeps its fingerprint.
     - Compressed inputs (``.gz``, ``.bz2``, ``.zst``, by extension) cannot seek in compressed
       offsets, so ``decompress_to`` turns them into a local file in one streaming pass.
     - ``open_atomic_output`` writes the final output so that no reader ever sees a partial
@@ -43,8 +43,6 @@ import smart_open
 from smart_open.compression import compression_wrapper
 
 COMPRESSED_EXTENSIONS = (".gz", ".bz2", ".zst")
-# How much of each end of an input the fingerprint hashes.
-FINGERPRINT_BYTES = 64 * 1024
 # The copy buffer of decompression.
 COPY_BUFFER_BYTES = 1024 * 1024
 # What a shard's ranged read fetches past its end for its last line, and each further step.
@@ -100,17 +98,51 @@ def input_size(uri: str, transport_params: Optional[Dict[str, Any]] = None) -> i
 
 
 def input_fingerprint(uri: str, transport_params: Optional[Dict[str, Any]] = None) -> str:
-    """An id of the input's content: size, version (mtime or ETag) and a hash of both ends."""
+    """An id of the input's content, by its bytes, never by its modification time.
+
+    An S3 object is known by its size and ETag (a hash of its content that S3 keeps); anything
+    else is read once and hashed whole (SHA-256, about a second a gigabyte). A touched,
+    re-downloaded or copied input with the same bytes has the same fingerprint.
+    """
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        head = _s3_client(transport_params).head_object(Bucket=bucket, Key=key)
+        return f"s3-{head.get('ContentLength')}-{str(head.get('ETag', '')).strip(chr(34))}"
     digest = hashlib.sha256()
+    size = 0
     with open_input(uri, transport_params) as handle:
-        size = handle.seek(0, io.SEEK_END)
-        handle.seek(0)
-        digest.update(handle.read(FINGERPRINT_BYTES))
-        if size > FINGERPRINT_BYTES:
-            handle.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
-            digest.update(handle.read(FINGERPRINT_BYTES))
-    version = _version_of(uri, transport_params)
-    return f"{size}-{version}-{digest.hexdigest()[:32]}"
+        for block in iter(lambda: handle.read(COPY_BUFFER_BYTES), b""):
+            digest.update(block)
+            size += len(block)
+    return f"sha256-{size}-{digest.hexdigest()}"
+
+
+def output_exists(uri: str, transport_params: Optional[Dict[str, Any]] = None) -> bool:
+    """True when the output is there (an S3 object is asked for with HEAD; nothing is read)."""
+    if not is_remote(uri):
+        return os.path.isfile(local_path(uri))
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        try:
+            _s3_client(transport_params).head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception as error:
+            if _client_error_code(error) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+    try:
+        with smart_open.open(uri, "rb", compression="disable", transport_params=transport_params) as handle:
+            handle.read(1)
+        return True
+    except Exception:
+        return False
+
+
+def open_output_for_reading(uri: str, transport_params: Optional[Dict[str, Any]] = None) -> BinaryIO:
+    """Open an earlier output to read its lines back, decompressed by its extension."""
+    params = transport_params if is_remote(uri) else None
+    return smart_open.open(uri if is_remote(uri) else local_path(uri), "rb",
+                           compression=compression_of(uri) or "disable", transport_params=params)
 
 
 def decompress_to(uri: str, target: str, transport_params: Optional[Dict[str, Any]] = None) -> None:
@@ -251,16 +283,6 @@ class _S3RangeReader(io.RawIOBase):
 
 
 # Helpers
-
-
-def _version_of(uri: str, transport_params: Optional[Dict[str, Any]]) -> str:
-    """The object's ETag (S3) or the file's modification time (local); "" otherwise."""
-    if not is_remote(uri):
-        return str(os.stat(local_path(uri)).st_mtime_ns)
-    if uri.startswith("s3://"):
-        bucket, _, key = uri[len("s3://"):].partition("/")
-        return str(_s3_client(transport_params).head_object(Bucket=bucket, Key=key).get("ETag", "")).strip('"')
-    return ""
 
 
 def _s3_client(transport_params: Optional[Dict[str, Any]]) -> Any:

@@ -1,117 +1,253 @@
-"""The work location of a run: shard parts and the manifest that lets the same command resume.
+"""The work folder of a job: shard parts, and the manifest that lets the same command resume.
 
-A run keeps its in-progress state in a folder:
+A job is its output. Its work folder holds:
 
-    <work>/work.json                    the manifest: input URI and fingerprint, request URL, work id
-    <work>/input.jsonl                  the decompressed copy of a compressed input (.gz .bz2 .zst)
-    <work>/shard-00003-of-00016.part    each shard's finished rows, appended as they finish
+    <work>/work.json                          the manifest: whose folder this is, and what it holds
+    <work>/job.lock                           the lock of the run in progress (``tasks.job_lock``)
+    <work>/gen-<id>/shard-00003-of-00016.part each shard's finished rows, appended as they finish
+    <work>/gen-<id>/input.jsonl               the decompressed copy of a compressed input
+    <work>/gen-<id>/output.digests            each output line's row digest, once the output is written
 
-Running the same command again after a crash, ``kill -9``, an ``insufficient_quota`` stop or
-Ctrl-C finds the manifest. When the input's fingerprint and the request URL match, the run
-resumes: finished shards are skipped (Prefect's task cache, keyed on the work id and the
-shard), and unfinished shards skip the rows their part already holds. A changed input gets a
-fresh work location, so old parts never mix with new content. After a successful assembly the
-parts are deleted and the manifest is marked complete. Running the same command once more
-then sends nothing.
+A generation is the work on one input content (its bytes, ``tasks.storage.input_fingerprint``)
+and one request URL. The same command after a crash, ``kill -9``, a quota stop or Ctrl-C finds
+the current generation and resumes it: each shard skips the rows its part already holds. A
+touched or re-downloaded input with the same bytes is the same generation. When the input changed,
+a new generation starts, and what the earlier ones paid for (their parts, or the finished
+output read back with its digests) is reused by row identity (``tasks.row_reuse``), so an
+edited input sends only new or changed rows.
+
+Safety:
+    - A folder is ours only when it holds our manifest. A missing or empty folder is made ours; a
+      folder holding anything else, or the manifest of another job (another output) or of an
+      earlier version of this tool, is refused with one line, and nothing in it is touched.
+    - Only what the manifest names, in folders named ``gen-<32 hex digits>``, is ever deleted.
+    - Finishing is crash-safe: the output is written and renamed, then the manifest is marked
+      complete, then the earlier generations and the parts are cleaned. A kill at any step leaves
+      a state the next run completes without sending a row.
 
 Where: beside a local output (``results.jsonl.work``). For a remote output (``s3://...``) it is a
 local folder under ``~/.cache/prefect-parallel-requests/work`` keyed by the output URI, or
-whatever ``--work-dir`` names. Parts are appended row by row, and that is what bounds the
-requests a crash makes us send twice to those in flight. Object stores cannot append.
+whatever ``--work-dir`` names (a shared mount for workers on several machines). Parts are
+appended row by row, and that is what bounds the requests a crash makes us send twice to those
+in flight: object stores cannot append.
 
 Usage:
-    >>> work = WorkLocation.prepare("results.jsonl", None, fingerprint, "http://127.0.0.1:8000/v1/embeddings")
-    >>> work.resumed, work.work_id
-    >>> work.part_path(shard)
+    >>> work = WorkLocation.open("results.jsonl", None)
+    >>> start = work.begin("requests.jsonl", fingerprint, "http://127.0.0.1:8000/v1/embeddings")
+    >>> start.already_complete, start.resumed, work.part_path(0, 4)
 """
 
 # Standard library imports
+import contextlib
 import hashlib
 import json
 import os
-import shutil
+import re
 import uuid
-from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 MANIFEST = "work.json"
+MANIFEST_FORMAT = 2
+TOOL = "prefect-parallel-requests"
 DECOMPRESSED_INPUT = "input.jsonl"
+OUTPUT_DIGESTS = "output.digests"
+# Names this module creates in a work folder, and only these are ever deleted.
+GENERATION_FOLDER = re.compile(r"^gen-[0-9a-f]{32}$")
+OWN_FILES = re.compile(r"^(shard-\d{5}-of-\d{5}\.part(\.tracker\.json(\.tmp-\d+)?)?|input\.jsonl|reused-answers\.jsonl"
+                       r"|output\.digests(\.[0-9a-f]{32}\.tmp)?)$")
+
+
+class WorkFolderRefused(RuntimeError):
+    """Raised when a work folder is not ours to use (nothing in it was touched)."""
 
 
 @dataclass
-class WorkLocation:
-    """A run's work folder and what its manifest says.
+class JobStart:
+    """What a run finds when it starts on its work folder.
 
     Attributes:
-        path: the local folder.
-        work_id: a random id made when the folder was created; part of the shard cache keys.
-        resumed: True when an earlier, unfinished run's state was found and is continued.
-        already_complete: True when an earlier run with the same input and settings finished.
+        already_complete: the output is complete for this input and URL; nothing is to be sent.
+        resumed: an unfinished generation of the same input is continued.
+        reuse_sources: earlier answers that an edited input may reuse (see ``tasks.row_reuse``).
+        needs_reuse_pass: the reuse pass has not yet copied those answers into this generation's parts.
     """
 
-    path: str
-    work_id: str
-    resumed: bool = False
     already_complete: bool = False
-    shard_count: Optional[int] = None
+    resumed: bool = False
+    reuse_sources: List[Dict[str, Any]] = field(default_factory=list)
+    needs_reuse_pass: bool = False
+
+
+class WorkLocation:
+    """A job's work folder and its manifest."""
+
+    def __init__(self, path: str, output: str, manifest: Dict[str, Any]) -> None:
+        self.path = path
+        self.output = output
+        self.manifest = manifest
 
     @classmethod
-    def prepare(cls, save_filepath: str, work_dir: Optional[str], input_fingerprint: str, request_url: str,
-                source: str = "") -> "WorkLocation":
-        """Find the work folder of an earlier run of the same job, or make a fresh one.
+    def open(cls, save_filepath: str, work_dir: Optional[str]) -> "WorkLocation":
+        """Open the job's work folder, making a missing or empty one ours; refuse anything else.
 
         Args:
-            save_filepath: the output path or URI.
+            save_filepath: the output path or URI (the job).
             work_dir: an explicit work folder, or None for the default.
+
+        Raises:
+            WorkFolderRefused: naming the folder and why; nothing in it was changed.
+        """
+        path = os.path.abspath(work_dir or default_work_dir(save_filepath))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise WorkFolderRefused(f"the work folder {path} is a file, not a folder; choose another --work-dir")
+        os.makedirs(path, exist_ok=True)
+        manifest = _read_manifest(path)
+        if manifest is None:
+            _check_empty(path)
+            _create_manifest(path, {"format": MANIFEST_FORMAT, "tool": TOOL, "output": save_filepath, "current": None,
+                                    "complete": False, "finished": None, "reuse": []})
+            manifest = _read_manifest(path)
+            if manifest is None:
+                raise WorkFolderRefused(f"the work folder {path} has an unreadable {MANIFEST}; nothing was changed")
+        _check_ours(path, manifest, save_filepath)
+        return cls(path, save_filepath, manifest)
+
+    def reload(self) -> None:
+        """Read the manifest again (after taking the job's lock)."""
+        manifest = _read_manifest(self.path)
+        if manifest is None:
+            raise WorkFolderRefused(f"the manifest of {self.path} disappeared; nothing was changed")
+        _check_ours(self.path, manifest, self.output)
+        self.manifest = manifest
+
+    def begin(self, source: str, input_fingerprint: str, request_url: str, output_present: bool) -> JobStart:
+        """Decide what this run does: nothing (already complete), resume, or start a new generation.
+
+        Args:
+            source: the input's path or URI.
             input_fingerprint: the input's content fingerprint.
-            request_url: the request URL (a different URL is a different job).
-            source: the input's path or URI (recorded in the manifest).
+            request_url: the request URL.
+            output_present: whether the output exists now.
 
         Returns:
-            The work location.
+            What the run starts from.
         """
-        path = work_dir or default_work_dir(save_filepath)
-        wanted = {"input": source, "input_fingerprint": input_fingerprint, "request_url": request_url,
-                  "output": save_filepath}
-        manifest = _read_manifest(path)
-        if manifest is not None and all(manifest.get(key) == value for key, value in wanted.items()):
-            return cls(path, manifest["work_id"], resumed=not manifest.get("complete", False),
-                       already_complete=bool(manifest.get("complete", False)), shard_count=manifest.get("shard_count"))
-        shutil.rmtree(path, ignore_errors=True)
-        os.makedirs(path)
-        work_id = uuid.uuid4().hex
-        _write_manifest(path, dict(wanted, work_id=work_id, complete=False))
-        return cls(path, work_id)
+        manifest = self.manifest
+        current = manifest.get("current")
+        same = bool(current) and current["input_fingerprint"] == input_fingerprint and \
+            current["request_url"] == request_url
+        finished = manifest.get("finished")
+        if same and manifest.get("complete"):
+            if output_present:
+                self.clean()
+                return JobStart(already_complete=True)
+            reuse: List[Dict[str, Any]] = []  # the output was deleted: its answers are gone with it
+        elif same:
+            current["input"] = source
+            os.makedirs(self.generation_path, exist_ok=True)
+            self._save()
+            return JobStart(resumed=True, reuse_sources=list(manifest.get("reuse") or []),
+                            needs_reuse_pass=not current.get("reuse_done", False) and bool(manifest.get("reuse")))
+        else:
+            reuse = list(manifest.get("reuse") or [])
+            if manifest.get("complete") and finished and output_present:
+                reuse.insert(0, {"kind": "output", "generation": finished["generation"],
+                                 "digests": os.path.join("gen-" + finished["generation"], OUTPUT_DIGESTS),
+                                 "rows": finished.get("rows")})
+            elif current and not manifest.get("complete"):
+                reuse.insert(0, {"kind": "parts", "generation": current["id"]})
+        generation = uuid.uuid4().hex
+        os.makedirs(os.path.join(self.path, f"gen-{generation}"), exist_ok=True)
+        manifest.update(current={"id": generation, "input": source, "input_fingerprint": input_fingerprint,
+                                 "request_url": request_url, "shard_count": None, "reuse_done": not reuse,
+                                 "reused_rows": 0},
+                        complete=False, reuse=reuse)
+        self._save()
+        return JobStart(reuse_sources=reuse, needs_reuse_pass=bool(reuse))
+
+    @property
+    def generation(self) -> str:
+        """The current generation's id."""
+        return self.manifest["current"]["id"]
+
+    @property
+    def generation_path(self) -> str:
+        """The current generation's folder."""
+        return self.generation_folder(self.generation)
+
+    def generation_folder(self, generation: str) -> str:
+        """The folder of a generation."""
+        return os.path.join(self.path, f"gen-{generation}")
+
+    @property
+    def shard_count(self) -> Optional[int]:
+        """How the current generation's input was split, once it was."""
+        return self.manifest["current"].get("shard_count")
+
+    @property
+    def reused_rows(self) -> int:
+        """Rows of the current generation answered by reusing earlier answers."""
+        return int(self.manifest["current"].get("reused_rows") or 0)
 
     def record_shard_count(self, count: int) -> None:
         """Remember how the input was split, so a resumed run splits it the same way."""
-        manifest = _read_manifest(self.path) or {}
-        manifest["shard_count"] = self.shard_count = count
-        _write_manifest(self.path, manifest)
+        self.manifest["current"]["shard_count"] = count
+        self._save()
 
-    def start_over(self) -> "WorkLocation":
-        """Forget everything (used when a completed job's output has gone missing)."""
-        shutil.rmtree(self.path, ignore_errors=True)
-        return self
+    def record_reuse_done(self, reused_rows: int) -> None:
+        """Remember that earlier answers were copied into this generation's parts."""
+        self.manifest["current"].update(reuse_done=True, reused_rows=reused_rows)
+        self._save()
 
-    def part_path(self, index: int, count: int) -> str:
-        """The part file of shard ``index`` of ``count``."""
-        return os.path.join(self.path, f"shard-{index:05d}-of-{count:05d}.part")
+    def part_path(self, index: int, count: int, generation: Optional[str] = None) -> str:
+        """The part file of shard ``index`` of ``count`` (of the current generation by default)."""
+        return os.path.join(self.generation_folder(generation or self.generation), f"shard-{index:05d}-of-{count:05d}.part")
+
+    def part_paths_of(self, generation: str) -> List[str]:
+        """Every part file of a generation, in shard order."""
+        folder = self.generation_folder(generation)
+        if not os.path.isdir(folder):
+            return []
+        return [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+                if name.startswith("shard-") and name.endswith(".part")]
 
     @property
     def decompressed_input(self) -> str:
         """Where a compressed input's decompressed copy lives."""
-        return os.path.join(self.path, DECOMPRESSED_INPUT)
+        return os.path.join(self.generation_path, DECOMPRESSED_INPUT)
 
-    def mark_complete(self) -> None:
-        """Delete the parts and record that the job finished (a rerun then sends nothing)."""
-        manifest = _read_manifest(self.path) or {}
+    @property
+    def digests_path(self) -> str:
+        """Where the output's digests are written."""
+        return os.path.join(self.generation_path, OUTPUT_DIGESTS)
+
+    def mark_complete(self, rows: int) -> None:
+        """Record that the job's output is complete (the first step after the output is in place)."""
+        self.manifest.update(complete=True, reuse=[],
+                             finished={"generation": self.generation, "rows": rows})
+        self._save()
+
+    def clean(self) -> None:
+        """Delete what a complete job no longer needs: earlier generations, parts, the decompressed copy."""
+        if not self.manifest.get("complete"):
+            return
+        keep = (self.manifest.get("finished") or {}).get("generation")
         for name in os.listdir(self.path):
-            if name != MANIFEST:
-                target = os.path.join(self.path, name)
-                shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
-        manifest["complete"] = True
-        _write_manifest(self.path, manifest)
+            folder = os.path.join(self.path, name)
+            if not GENERATION_FOLDER.match(name) or not os.path.isdir(folder):
+                continue
+            if name != f"gen-{keep}":
+                _remove_generation(folder)
+                continue
+            for inner in os.listdir(folder):
+                if OWN_FILES.match(inner) and inner != OUTPUT_DIGESTS:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(folder, inner))
+
+    def _save(self) -> None:
+        """Write the manifest atomically."""
+        _write_manifest(self.path, self.manifest)
 
 
 def default_work_dir(save_filepath: str) -> str:
@@ -126,6 +262,29 @@ def default_work_dir(save_filepath: str) -> str:
 # Helpers
 
 
+def _check_empty(path: str) -> None:
+    """Refuse a folder without our manifest that holds anything (our own lock file aside)."""
+    others = [name for name in os.listdir(path) if name != "job.lock" and not name.startswith(f".{MANIFEST}.")]
+    if others:
+        raise WorkFolderRefused(
+            f"the work folder {path} already holds files ({', '.join(sorted(others)[:3])}"
+            f"{', ...' if len(others) > 3 else ''}) and is not a prefect-parallel-requests work folder; "
+            "choose a new or empty --work-dir. Nothing in it was changed")
+
+
+def _check_ours(path: str, manifest: Dict[str, Any], save_filepath: str) -> None:
+    """Refuse a manifest of an earlier version or of another job."""
+    if manifest.get("tool") != TOOL or manifest.get("format") != MANIFEST_FORMAT:
+        raise WorkFolderRefused(
+            f"the work folder {path} was written by an earlier version of prefect-parallel-requests; finish that job "
+            "with the version that started it, or choose another --work-dir (or move the folder away). "
+            "Nothing in it was changed")
+    if manifest.get("output") != save_filepath:
+        raise WorkFolderRefused(
+            f"the work folder {path} belongs to the job writing {manifest.get('output')}, not {save_filepath}; "
+            "choose another --work-dir. Nothing in it was changed")
+
+
 def _read_manifest(path: str) -> Optional[Dict[str, Any]]:
     """The manifest of a work folder, or None when there is none (or it is unreadable)."""
     try:
@@ -133,14 +292,40 @@ def _read_manifest(path: str) -> Optional[Dict[str, Any]]:
             manifest = json.load(handle)
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) and "work_id" in manifest else None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _create_manifest(path: str, manifest: Dict[str, Any]) -> None:
+    """Write the first manifest, unless another run wrote one first (then that one stands)."""
+    temporary = _temporary_manifest(path, manifest)
+    try:
+        os.link(temporary, os.path.join(path, MANIFEST))
+    except FileExistsError:
+        pass
+    finally:
+        os.remove(temporary)
 
 
 def _write_manifest(path: str, manifest: Dict[str, Any]) -> None:
     """Write the manifest atomically."""
+    os.replace(_temporary_manifest(path, manifest), os.path.join(path, MANIFEST))
+
+
+def _temporary_manifest(path: str, manifest: Dict[str, Any]) -> str:
+    """A fully written, fsynced copy of ``manifest`` beside where it goes."""
     temporary = os.path.join(path, f".{MANIFEST}.{uuid.uuid4().hex}.tmp")
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, os.path.join(path, MANIFEST))
+    return temporary
+
+
+def _remove_generation(folder: str) -> None:
+    """Delete a generation folder we made: our files in it, then the folder when nothing else is left."""
+    for name in os.listdir(folder):
+        if OWN_FILES.match(name) or (name.endswith(".tmp") and name.startswith(".")):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)

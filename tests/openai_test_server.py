@@ -87,6 +87,7 @@ class ServerStats:
     arrivals: List[float] = field(default_factory=list)
     accepted_arrivals: List[float] = field(default_factory=list)
     bodies: collections.Counter = field(default_factory=collections.Counter)
+    answered_bodies: collections.Counter = field(default_factory=collections.Counter)
     max_accepted_in_slice: int = 0
     max_accepted_in_slice_by_model: Dict[str, int] = field(default_factory=dict)
     accepted_arrivals_by_model: Dict[str, List[float]] = field(default_factory=dict)
@@ -111,6 +112,8 @@ class ServerStats:
             "max_accepted_in_slice_by_model": dict(self.max_accepted_in_slice_by_model),
             "accepted_per_minute_by_model": {model: _per_minute(times) for model, times in self.accepted_arrivals_by_model.items()},
             "bodies_received_more_than_once": sum(1 for count in self.bodies.values() if count > 1),
+            "bodies_answered_more_than_once": sum(1 for count in self.answered_bodies.values() if count > 1),
+            "answered": sum(self.answered_bodies.values()),
             "tokens_charged": self.tokens_charged,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -143,7 +146,8 @@ class OpenAITestServer:
         now = time.monotonic()
         self.stats.arrivals.append(now)
         raw = await request.read()
-        self.stats.bodies[hashlib.sha1(raw).hexdigest()] += 1
+        body_hash = hashlib.sha1(raw).hexdigest()
+        self.stats.bodies[body_hash] += 1
         endpoint = _endpoint_of_path(request.path)
         if self.config.api_key and not _has_key(request, self.config.api_key):
             return self._error(401, "invalid_request_error", "invalid_api_key",
@@ -184,6 +188,7 @@ class OpenAITestServer:
             return self._error(int(fault), "server_error", None, "The server had an error while processing your request.")
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
+        self.stats.answered_bodies[body_hash] += 1
         return web.json_response(_answer(endpoint, body, model, prompt_tokens, completion_tokens),
                                  headers=self._limit_headers(now, model))
 

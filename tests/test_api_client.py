@@ -8,7 +8,16 @@ import aiohttp
 import pytest
 
 # Local application imports
-from tasks.api_client import ApiClient, Outcome, backoff_seconds, decide, parse_duration, redact, retry_after_seconds
+from tasks.api_client import (
+    MAX_SERVER_WAIT_SECONDS,
+    ApiClient,
+    Outcome,
+    backoff_seconds,
+    decide,
+    parse_duration,
+    redact,
+    retry_after_seconds,
+)
 
 KEY = "sk-test-SECRET0123456789abcdef"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
@@ -126,3 +135,21 @@ def test_backoff_grows_with_jitter_and_a_cap() -> None:
 
 def test_redact_removes_the_key_and_its_prefix() -> None:
     assert redact(f"bad key {KEY} and {KEY[:14]}", KEY) == "bad key [REDACTED] and [REDACTED]" + KEY[12:14]
+
+
+def test_an_answered_request_whose_body_is_not_json_is_never_sent_again() -> None:
+    result = decide(200, b"data: {\"stream\": true}\n\n" + KEY.encode(), {}, KEY)
+    assert result.outcome is Outcome.INVALID and result.cause == "unreadable_body"  # billed: no retry
+    assert KEY not in result.error and KEY[:12] not in result.error
+
+
+def test_error_codes_and_snippets_are_redacted() -> None:
+    body = json.dumps({"error": {"code": f"bad_key_{KEY}", "message": "x"}}).encode()
+    result = decide(400, body, {}, KEY)
+    assert KEY not in result.error and KEY[:12] not in result.error
+
+
+@pytest.mark.parametrize("headers", [{"retry-after": "86400"}, {"retry-after-ms": "999999999"},
+                                     {"x-ratelimit-reset-requests": "72h0m0s"}])
+def test_a_servers_wait_is_capped(headers) -> None:
+    assert retry_after_seconds(headers) == MAX_SERVER_WAIT_SECONDS

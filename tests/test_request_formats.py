@@ -64,11 +64,59 @@ def test_batch_line_becomes_a_request_to_its_own_path() -> None:
         ("https://gw.example/proxy/v1/embeddings", "/v1/chat/completions", "https://gw.example/proxy/v1/chat/completions"),
         ("http://h:1/v1", "/v1/embeddings", "http://h:1/v1/embeddings"),
         ("http://h:1/other", "v1/embeddings", "http://h:1/v1/embeddings"),
-        ("http://h:1/v1/x", "http://elsewhere/v1/y", "http://elsewhere/v1/y"),
     ],
 )
 def test_join_batch_url(base: str, path: str, expected: str) -> None:
     assert join_batch_url(base, path) == expected
+
+
+@pytest.mark.parametrize("path", ["http://elsewhere/v1/y", "https://h:1/v1/embeddings", "//elsewhere/v1/y",
+                                  "/v1/../admin", "/v1/%2e%2e/admin", "\\\\elsewhere\\v1", "/v1/x\ny", "javascript:alert(1)"])
+def test_a_batch_url_never_leaves_the_base_url(path: str) -> None:
+    with pytest.raises(ValueError):
+        join_batch_url("http://h:1/v1/x", path)
+    line = json.dumps({"custom_id": "c", "method": "POST", "url": path, "body": {"model": "m", "input": "x"}}).encode()
+    parsed = parse_line(line, RequestShape.BATCH, "http://h:1/v1/x")
+    assert isinstance(parsed, InvalidLine) and parsed.custom_id == "c"
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE", "PUT", "post ", 7])
+def test_a_batch_line_must_post(method) -> None:
+    line = json.dumps({"custom_id": "c", "method": method, "url": "/v1/embeddings", "body": {"model": "m"}}).encode()
+    parsed = parse_line(line, RequestShape.BATCH, "http://h:1/v1/x")
+    assert isinstance(parsed, InvalidLine) and "POST" in parsed.reason
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"model": ["a"], "input": "x"}, "model"), ({"model": {"a": 1}, "input": "x"}, "model"),
+    ({"model": "m", "input": "x", "max_tokens": "10"}, "max_tokens"), ({"model": "m", "input": "x", "n": 0}, "n"),
+    ({"model": "m", "input": "x", "max_tokens": True}, "max_tokens"), ({"model": "m", "messages": "hi"}, "messages"),
+    ({"model": "m", "messages": ["hi"]}, "messages"), ({"model": "m", "input": {"a": 1}}, "input"),
+    ({"model": "m", "prompt": 5}, "prompt"), ({"model": "m", "messages": [], "stream": True}, "stream"),
+])
+def test_a_field_of_the_wrong_type_is_that_rows_error(body, field: str) -> None:
+    for shape, line in ((RequestShape.COOKBOOK, body),
+                        (RequestShape.BATCH, {"custom_id": "c", "url": "/v1/chat/completions", "body": body})):
+        parsed = parse_line(json.dumps(line).encode(), shape, "http://h:1/v1/chat/completions")
+        assert isinstance(parsed, InvalidLine) and field in parsed.reason, parsed
+
+
+def test_the_shape_is_decided_on_the_first_complete_line_whatever_its_length() -> None:
+    image = "data:image/png;base64," + "A" * 200_000
+    first = json.dumps({"custom_id": "r0", "method": "POST", "url": "/v1/chat/completions",
+                        "body": {"model": "m", "messages": [{"role": "user", "content": [
+                            {"type": "image_url", "image_url": {"url": image}}]}]}}).encode()
+    assert len(first) > 100_000
+    assert detect_shape(iter([b"\n", first + b"\n", b'{"model": "m"}\n'])) is RequestShape.BATCH
+
+
+def test_identical_requests_have_one_digest_whatever_the_key_order_or_metadata() -> None:
+    url = "http://h:1/v1/embeddings"
+    one = parse_line(b'{"model": "m", "input": "x", "metadata": {"row": 1}}', RequestShape.COOKBOOK, url)
+    two = parse_line(b'{"input":"x","model":"m"}', RequestShape.COOKBOOK, url)
+    other = parse_line(b'{"input":"y","model":"m"}', RequestShape.COOKBOOK, url)
+    elsewhere = parse_line(b'{"input":"x","model":"m"}', RequestShape.COOKBOOK, "http://h:2/v1/embeddings")
+    assert one.digest == two.digest and len({one.digest, other.digest, elsewhere.digest}) == 3
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Parts and the final assembly: input order, invalid-line numbers, atomic replacement of the output."""
+"""Parts and the final assembly: input order, invalid-line numbers, verified and atomic replacement of the output."""
 
 # Standard library imports
 import json
@@ -9,21 +9,33 @@ import pytest
 
 # Local application imports
 from tasks.request_formats import InvalidLine, RequestShape
-from tasks.results_storage import PartInfo, PartWriter, assemble_output
+from tasks.results_storage import (
+    IncompleteOutput,
+    PartInfo,
+    PartWriter,
+    assemble_output,
+    iter_output_answers,
+    read_part_state,
+)
+
+D = "0123456789abcdef" * 2  # a well-formed digest
 
 
 def test_rows_come_out_in_input_order_with_global_line_numbers(tmp_path) -> None:
     first, second = str(tmp_path / "a.part"), str(tmp_path / "b.part")
     with PartWriter(first) as part:  # shard 1: lines 1-4, line 3 blank, finished out of order
-        part.write_result(3, b'["row 4"]')
-        part.write_result(0, b'["row 1"]')
+        part.write_result(3, D, b'["row 4"]')
+        part.write_result(0, D, b'["row 1"]')
         part.write_invalid(InvalidLine(1, "invalid JSON (x)", "{bad", None))
-        part.write_result(0, b'["row 1 again"]')  # a duplicate never doubles a row
+        part.write_end(4, 3)
     with PartWriter(second) as part:  # shard 2: lines 5-6
         part.write_invalid(InvalidLine(1, "expected a JSON object, got list", "[1]", None))
-        part.write_result(0, b'["row 5"]')
+        part.write_result(0, D, b'["row 5"]')
+        part.write_end(2, 2)
     out = tmp_path / "out.jsonl"
-    report = assemble_output(str(out), [PartInfo(first, 4, 1), PartInfo(second, 2, 5)], RequestShape.COOKBOOK, "in.jsonl")
+    digests = str(tmp_path / "out.digests")
+    report = assemble_output(str(out), [PartInfo(first), PartInfo(second)], RequestShape.COOKBOOK, "in.jsonl",
+                             require_complete=True, digests_path=digests)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [
         ["row 1"],
@@ -32,24 +44,82 @@ def test_rows_come_out_in_input_order_with_global_line_numbers(tmp_path) -> None
         ["row 5"],
         ["[1]", ["in.jsonl line 6: expected a JSON object, got list"]],
     ]
-    assert report.rows_written == 5
+    assert report.rows_written == report.rows_expected == 5
     assert report.invalid_line_examples == ["in.jsonl line 2: invalid JSON (x)", "in.jsonl line 6: expected a JSON object, got list"]
+    assert [digest for digest, _ in iter_output_answers(str(out), digests)] == [D, D, D]
+
+
+def test_a_complete_output_is_never_written_with_a_row_missing(tmp_path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text("a good earlier output\n")
+    part = str(tmp_path / "a.part")
+    with PartWriter(part) as writer:
+        writer.write_result(0, D, b'["row 1"]')
+        writer.write_end(3, 2)  # two non-blank rows, one has no result
+    with pytest.raises(IncompleteOutput):
+        assemble_output(str(out), [PartInfo(part)], RequestShape.COOKBOOK, "in.jsonl", require_complete=True)
+    missing_end = str(tmp_path / "b.part")
+    with PartWriter(missing_end) as writer:
+        writer.write_result(0, D, b'["row 1"]')
+    with pytest.raises(IncompleteOutput):  # a shard that never finished reading is not complete either
+        assemble_output(str(out), [PartInfo(missing_end)], RequestShape.COOKBOOK, "in.jsonl", require_complete=True)
+    assert out.read_text() == "a good earlier output\n"
+    assert sorted(os.listdir(tmp_path)) == ["a.part", "b.part", "out.jsonl"]
+
+
+def test_a_partial_output_never_replaces_a_longer_one(tmp_path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text("1\n2\n3\n")
+    part = str(tmp_path / "a.part")
+    with PartWriter(part) as writer:
+        writer.write_result(0, D, b'["row 1"]')
+    report = assemble_output(str(out), [PartInfo(part)], RequestShape.COOKBOOK, "in.jsonl", existing_rows=3)
+    assert not report.written and out.read_text() == "1\n2\n3\n"
+    report = assemble_output(str(out), [PartInfo(part)], RequestShape.COOKBOOK, "in.jsonl", existing_rows=0)
+    assert report.written and out.read_text() == '["row 1"]\n'
 
 
 def test_a_failed_assembly_leaves_the_old_output_and_no_temporary_file(tmp_path) -> None:
     out = tmp_path / "out.jsonl"
     out.write_text("previous results\n")
     broken = tmp_path / "broken.part"
-    broken.write_text('0\ti\tthis is not json\n')
+    broken.write_text('0\ti\t-\tthis is not json\n')
     with pytest.raises(ValueError):
-        assemble_output(str(out), [PartInfo(str(broken), 1, 1)], RequestShape.COOKBOOK, "in.jsonl")
+        assemble_output(str(out), [PartInfo(str(broken), line_count=1)], RequestShape.COOKBOOK, "in.jsonl",
+                        digests_path=str(tmp_path / "d"))
     assert out.read_text() == "previous results\n"
     assert sorted(os.listdir(tmp_path)) == ["broken.part", "out.jsonl"]
 
 
 def test_a_torn_last_line_of_a_part_is_ignored(tmp_path) -> None:
     part = tmp_path / "p.part"
-    part.write_text('0\tr\t["done"]\n1\tr\t["half-writ')
+    part.write_text(f'0\tr\t{D}\t["done"]\n1\tr\t{D}\t["half-writ')
     out = tmp_path / "out.jsonl"
-    assemble_output(str(out), [PartInfo(str(part), 2, 1)], RequestShape.COOKBOOK, "in.jsonl")
+    assemble_output(str(out), [PartInfo(str(part), line_count=2)], RequestShape.COOKBOOK, "in.jsonl")
     assert out.read_text() == '["done"]\n'
+
+
+def test_a_damaged_record_in_the_middle_costs_its_row_not_every_rerun(tmp_path) -> None:
+    part = tmp_path / "p.part"
+    part.write_bytes(f'0\tr\t{D}\t["a"]\n\x00\x00garbage\tr\n1\ts\t{D}\t\nxx\ty\tz\tw\n2\tr\t{D}\t["c"]\n'.encode())
+    state = read_part_state(str(part))
+    assert state.done == {0, 2} and state.sent_unfinished == 1
+    with PartWriter(str(part)) as writer:
+        writer.write_result(1, D, b'["b"]')
+        writer.write_end(3, 3)
+    out = tmp_path / "out.jsonl"
+    assemble_output(str(out), [PartInfo(str(part))], RequestShape.COOKBOOK, "in.jsonl", require_complete=True)
+    assert out.read_text() == '["a"]\n["b"]\n["c"]\n'
+
+
+def test_a_local_error_is_decided_again_and_the_last_final_record_wins(tmp_path) -> None:
+    part = str(tmp_path / "p.part")
+    with PartWriter(part) as writer:
+        writer.write_local_error(0, D, b'["no price"]')
+    assert read_part_state(part).done == set()
+    with PartWriter(part) as writer:
+        writer.write_result(0, D, b'["answered"]')
+        writer.write_end(1, 1)
+    out = tmp_path / "out.jsonl"
+    assemble_output(str(out), [PartInfo(part)], RequestShape.COOKBOOK, "in.jsonl", require_complete=True)
+    assert out.read_text() == '["answered"]\n'

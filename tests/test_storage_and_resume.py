@@ -152,13 +152,14 @@ async def test_a_changed_input_never_mixes_with_old_parts(prefect_api_url, api_s
 
 def test_a_torn_record_is_cut_off_when_a_part_reopens(tmp_path) -> None:
     path = str(tmp_path / "p.part")
+    d = "ab" * 16
     with open(path, "wb") as handle:
-        handle.write(b'0\ts\t\n0\tr\t["a"]\n1\ts\t\n2\ts\t\n1\tr\t["b"')
+        handle.write(f'0\ts\t{d}\t\n0\tr\t{d}\t["a"]\n1\ts\t{d}\t\n2\ts\t{d}\t\n1\tr\t{d}\t["b"'.encode())
     state = read_part_state(path)
     assert state.done == {0} and state.sent_unfinished == 2
     with PartWriter(path) as part:
-        part.write_result(1, b'["b"]')
-    assert open(path, "rb").read().endswith(b'2\ts\t\n1\tr\t["b"]\n')
+        part.write_result(1, d, b'["b"]')
+    assert open(path, "rb").read().endswith(f'2\ts\t{d}\t\n1\tr\t{d}\t["b"]\n'.encode())
     assert read_part_state(path).done == {0, 1}
 
 
@@ -212,7 +213,8 @@ def test_kill_9_during_the_final_assembly_then_the_same_command_completes(api_se
     deadline = time.monotonic() + 180
     caught = False
     while first.poll() is None and time.monotonic() < deadline:
-        if any(name.startswith(".a_results.jsonl.") for name in os.listdir(tmp_path)):
+        if any(name.startswith(".a_results.jsonl.") and name.endswith(".tmp") and ".lock" not in name
+               for name in os.listdir(tmp_path)):
             _kill_group(first)
             caught = True
             break

@@ -1,0 +1,203 @@
+"""Work folders that are ours only, the job lock, and paid answers reused after an edit (flow tests, real servers)."""
+
+# Standard library imports
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List
+
+# Third-party imports
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+# Local application imports
+from flows.parallel_requests import parallel_requests
+from tasks.job_lock import FileLease, Holder, JobLock, JobLocked
+from tasks.work_location import WorkFolderRefused, WorkLocation
+from tests.conftest import read_jsonl, write_jsonl
+
+
+def _rows(count: int, tag: str = "r") -> List[Dict[str, Any]]:
+    return [{"model": "text-embedding-3-small", "input": f"{tag} {i}", "metadata": {"i": i}} for i in range(count)]
+
+
+async def _run(**parameters: Any):
+    parameters.setdefault("max_requests_per_minute", math.inf)
+    parameters.setdefault("max_tokens_per_minute", math.inf)
+    state = await parallel_requests(**parameters, return_state=True)
+    return state, await state.aresult(raise_on_failure=False)
+
+
+async def test_an_edited_shuffled_input_sends_exactly_its_changed_and_added_rows(prefect_api_url, api_server, tmp_path) -> None:
+    server = api_server()
+    url = f"{server.url}/v1/embeddings"
+    rows = _rows(300)
+    source = tmp_path / "in.jsonl"
+    write_jsonl(source, rows)
+    state, _ = await _run(requests_filepath=str(source), request_url=url, shards=3)
+    assert state.is_completed(), state.message
+    server.reset()
+
+    rng = random.Random(7)
+    edited = [dict(row) for row in rows]
+    changed = rng.sample(range(300), 30)  # 10% of the rows change
+    for index in changed:
+        edited[index]["input"] = f"changed {index}"
+    duplicated = [dict(edited[index], metadata={"copy": index}) for index in rng.sample(range(300), 12)]
+    edited += duplicated  # a second occurrence of a request is a new paid answer
+    edited.append({"model": "text-embedding-3-small", "input": "brand new"})
+    for row in edited[:50]:
+        row["metadata"] = {"moved": row.get("metadata")}  # metadata is not part of a row's identity
+    rng.shuffle(edited)
+    write_jsonl(source, edited)
+    state, summary = await _run(requests_filepath=str(source), request_url=url, shards=5)
+    assert state.is_completed(), state.message
+    stats = server.stats()
+    assert stats["answered"] == 30 + 12 + 1 and stats["requests"] == 43, stats
+    assert summary["reused_rows"] == 300 - 30
+    results = read_jsonl(tmp_path / "in_results.jsonl")
+    assert [line[0]["input"] for line in results] == [row["input"] for row in edited]
+    assert [line[2] if len(line) > 2 else None for line in results] == [row.get("metadata") for row in edited]
+    assert all(line[1]["data"][0]["object"] == "embedding" for line in results)
+
+    # The same edited input again, touched: nothing is sent.
+    server.reset()
+    os.utime(source, (time.time() + 60, time.time() + 60))
+    state, summary = await _run(requests_filepath=str(source), request_url=url, shards=5)
+    assert state.is_completed() and summary.get("already_complete") is True
+    assert server.stats()["requests"] == 0
+
+
+async def test_an_edit_after_a_stopped_run_reuses_the_parts_already_paid(prefect_api_url, api_server, tmp_path) -> None:
+    server = api_server(quota_after=100)
+    url = f"{server.url}/v1/embeddings"
+    rows = _rows(200)
+    source = tmp_path / "in.jsonl"
+    write_jsonl(source, rows)
+    state, first = await _run(requests_filepath=str(source), request_url=url, shards=2, max_in_flight=2)
+    assert state.is_failed()
+    done_before = first["totals"]["succeeded"]
+    server.server.config.quota_after = None
+    server.reset()
+    rows.reverse()
+    write_jsonl(source, rows)
+    state, second = await _run(requests_filepath=str(source), request_url=url, shards=4)
+    assert state.is_completed(), state.message
+    assert second["reused_rows"] == done_before
+    assert server.stats()["answered"] == 200 - done_before
+    assert [line[0]["input"] for line in read_jsonl(tmp_path / "in_results.jsonl")] == [row["input"] for row in rows]
+
+
+async def test_a_work_folder_of_an_earlier_version_is_refused_and_kept(prefect_api_url, api_server, tmp_path) -> None:
+    server = api_server()
+    source = write_jsonl(tmp_path / "in.jsonl", _rows(10))
+    old = tmp_path / "in_results.jsonl.work"
+    old.mkdir()
+    (old / "work.json").write_text(json.dumps({"input": source, "input_fingerprint": "10-1-abc", "work_id": "x" * 32,
+                                               "complete": False, "output": str(tmp_path / "in_results.jsonl")}))
+    (old / "shard-00000-of-00001.part").write_text('0\tr\t["paid"]\n')
+    state, _ = await _run(requests_filepath=source, request_url=f"{server.url}/v1/embeddings")
+    assert state.is_failed() and "earlier version" in state.message
+    assert sorted(os.listdir(old)) == ["shard-00000-of-00001.part", "work.json"]
+    assert server.stats()["requests"] == 0
+
+
+def test_a_work_folder_is_ours_only_when_it_holds_our_manifest(tmp_path) -> None:
+    fresh = WorkLocation.open(str(tmp_path / "out.jsonl"), str(tmp_path / "new" / "work"))
+    assert os.path.exists(os.path.join(fresh.path, "work.json"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    WorkLocation.open(str(tmp_path / "out.jsonl"), str(empty))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / ".bashrc").write_text("x")
+    with pytest.raises(WorkFolderRefused):
+        WorkLocation.open(str(tmp_path / "out.jsonl"), str(busy))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WorkFolderRefused):
+        WorkLocation.open(str(tmp_path / "out.jsonl"), str(tmp_path / "file"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "work.json").write_text("{not json")
+    with pytest.raises(WorkFolderRefused):
+        WorkLocation.open(str(tmp_path / "out.jsonl"), str(broken))
+    assert (broken / "work.json").read_text() == "{not json" and (busy / ".bashrc").exists()
+
+
+def test_a_live_lock_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path) -> None:
+    output, work = str(tmp_path / "out.jsonl"), str(tmp_path / "work")
+    first = JobLock.for_job(output, work)
+    first.acquire()
+    try:
+        with pytest.raises(JobLocked, match=f"process {os.getpid()}"):
+            JobLock.for_job(output, str(tmp_path / "another-work")).acquire()  # keyed on the output
+    finally:
+        first.release()
+    assert not os.path.exists(tmp_path / ".out.jsonl.lock")
+
+    # A holder that died (a process that no longer runs) does not keep the lock.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lease = FileLease(str(tmp_path / ".out.jsonl.lock"))
+    now = time.time()
+    assert lease.try_take(Holder("dead", socket.gethostname(), dead.pid, None, None, now, now)) is None
+    # Another machine's holder that stopped renewing loses it when its lease runs out, not before.
+    other = FileLease(str(tmp_path / "w.lock"))
+    assert other.try_take(Holder("far", "other-host", 1, None, None, now, now)) is None
+    assert other.try_take(Holder.of_this_process(None)).host == "other-host"
+    with open(other.path, "w", encoding="utf-8") as handle:
+        json.dump(vars(Holder("far", "other-host", 1, None, None, now - 600, now - 600)), handle)
+    second = JobLock.for_job(output, work)
+    second.leases.append(other)
+    second.acquire()
+    second.release()
+
+
+def test_the_lock_through_redis_spans_machines_that_share_no_folder(redis_url: str, tmp_path) -> None:
+    output = "s3://jobs/out/results.jsonl"
+    first = JobLock.for_job(output, str(tmp_path / "machine-a"), redis_url)
+    first.acquire()
+    try:
+        with pytest.raises(JobLocked):
+            JobLock.for_job(output, str(tmp_path / "machine-b"), redis_url).acquire()
+    finally:
+        first.release()
+    again = JobLock.for_job(output, str(tmp_path / "machine-b"), redis_url)
+    again.acquire()
+    again.release()
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3 endpoint (moto's server) on 127.0.0.1, reached through AWS_ENDPOINT_URL_S3."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL_S3", f"http://{host}:{port}")):
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="jobs")
+    yield client
+    server.stop()
+
+
+async def test_a_deleted_s3_output_is_rebuilt(prefect_api_url, api_server, s3, tmp_path) -> None:
+    server = api_server()
+    rows = _rows(50)
+    s3.put_object(Bucket="jobs", Key="in.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+    parameters = dict(requests_filepath="s3://jobs/in.jsonl", save_filepath="s3://jobs/out.jsonl",
+                      request_url=f"{server.url}/v1/embeddings", work_dir=str(tmp_path / "work"))
+    state, _ = await _run(**parameters)
+    assert state.is_completed(), state.message
+    s3.delete_object(Bucket="jobs", Key="out.jsonl")
+    state, summary = await _run(**parameters)
+    assert state.is_completed() and not summary.get("already_complete"), summary
+    body = s3.get_object(Bucket="jobs", Key="out.jsonl")["Body"].read().decode().splitlines()
+    assert [json.loads(line)[0]["input"] for line in body] == [row["input"] for row in rows]
