@@ -50,7 +50,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Dict, Iterator, Optional
 
 # Third-party imports
@@ -90,6 +89,7 @@ from tasks.shard_runner import (
     EngineSettings,
     ShardJob,
     ShardOutcome,
+    ShardPlacement,
     resolve_api_key,
     run_shards_here,
     trackers_of,
@@ -105,6 +105,7 @@ from tasks.storage import (
     input_fingerprint,
     input_size,
     output_exists,
+    output_signature,
     remove_stale_temporaries,
 )
 from tasks.token_estimation import TokenEstimator
@@ -226,6 +227,10 @@ async def parallel_requests(
     except JobLocked as error:
         logger.error("%s", error)
         return Failed(message=str(error))
+    except Exception as error:  # the lock's folder or Redis cannot be reached: nothing was read or sent
+        message = f"cannot take the job's lock: {type(error).__name__}: {error}"
+        logger.error("%s", message)
+        return Failed(message=message)
     try:
         job = ShardJob(
             request_url=request_url, shape="cookbook", max_attempts=max_attempts, retry_base_seconds=retry_base_seconds,
@@ -243,23 +248,6 @@ async def parallel_requests(
         await asyncio.to_thread(lock.release)
 
 
-@dataclass(frozen=True)
-class ShardPlacement:
-    """How a run splits its input and where its shards run.
-
-    Attributes:
-        shards: the number of shards asked for (None: follow the size; a resumed job keeps its split).
-        shard_deployment: run shards as child runs of this deployment, or None.
-        dask_cluster: run shards on this Dask cluster, or None.
-        run_concurrency_limit: a Prefect global concurrency limit the run takes one slot of, or None.
-    """
-
-    shards: Optional[int] = None
-    shard_deployment: Optional[str] = None
-    dask_cluster: Optional[str] = None
-    run_concurrency_limit: Optional[str] = None
-
-
 async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardPlacement, requests_filepath: str,
                    save_filepath: str, work: WorkLocation, lock: JobLock, api_key: Optional[str],
                    transport_params: Optional[Dict[str, Any]]) -> State:
@@ -269,7 +257,9 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
         abort_stale_uploads(save_filepath, transport_params)
         remove_stale_temporaries(save_filepath)
         fingerprint = await asyncio.to_thread(input_fingerprint, requests_filepath, transport_params)
-        start = work.begin(requests_filepath, fingerprint, job.request_url, output_exists(save_filepath, transport_params))
+        start = work.begin(requests_filepath, fingerprint, job.request_url,
+                           output_signature(save_filepath, transport_params)
+                           if output_exists(save_filepath, transport_params) else None)
     except WorkFolderRefused as error:
         logger.error("%s", error)
         return Failed(message=str(error))
@@ -369,7 +359,7 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
     await publish_run_artifacts(summary)
     if summary.complete:
         kill_point("manifest")
-        work.mark_complete(report.rows_written)
+        work.mark_complete(report.rows_written, output_signature(save_filepath, transport_params))
         kill_point("cleanup")
         work.clean()
         logger.info("Done: %d rows in %s (%.1f s)", summary.totals.rows, save_filepath, summary.duration_seconds)

@@ -167,6 +167,23 @@ async def run_shards_here(job: ShardJob, shards: Sequence[ShardSpec], part_paths
     return list(outcomes), state
 
 
+@dataclass(frozen=True)
+class ShardPlacement:
+    """How a run splits its input and where its shards run.
+
+    Attributes:
+        shards: the number of shards asked for (None: follow the size; a resumed job keeps its split).
+        shard_deployment: run shards as child runs of this deployment, or None.
+        dask_cluster: run shards on this Dask cluster, or None.
+        run_concurrency_limit: a Prefect global concurrency limit the run takes one slot of, or None.
+    """
+
+    shards: Optional[int] = None
+    shard_deployment: Optional[str] = None
+    dask_cluster: Optional[str] = None
+    run_concurrency_limit: Optional[str] = None
+
+
 @dataclass
 class ShardOutcome:
     """What running a run's shards gave, wherever they ran.

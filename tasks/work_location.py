@@ -121,14 +121,16 @@ class WorkLocation:
         _check_ours(self.path, manifest, self.output)
         self.manifest = manifest
 
-    def begin(self, source: str, input_fingerprint: str, request_url: str, output_present: bool) -> JobStart:
+    def begin(self, source: str, input_fingerprint: str, request_url: str, output_signature: Optional[str]) -> JobStart:
         """Decide what this run does: nothing (already complete), resume, or start a new generation.
 
         Args:
             source: the input's path or URI.
             input_fingerprint: the input's content fingerprint.
             request_url: the request URL.
-            output_present: whether the output exists now.
+            output_signature: the output's current version (``tasks.storage.output_signature``), None when
+                it is absent. A finished output is read back for reuse only when it is the very file this
+                job wrote (an output changed since could pair answers with the wrong rows).
 
         Returns:
             What the run starts from.
@@ -138,6 +140,7 @@ class WorkLocation:
         same = bool(current) and current["input_fingerprint"] == input_fingerprint and \
             current["request_url"] == request_url
         finished = manifest.get("finished")
+        output_present = output_signature is not None
         if same and manifest.get("complete"):
             if output_present:
                 self.clean()
@@ -151,7 +154,8 @@ class WorkLocation:
                             needs_reuse_pass=not current.get("reuse_done", False) and bool(manifest.get("reuse")))
         else:
             reuse = list(manifest.get("reuse") or [])
-            if manifest.get("complete") and finished and output_present:
+            if manifest.get("complete") and finished and output_present and \
+                    finished.get("signature") == output_signature:
                 reuse.insert(0, {"kind": "output", "generation": finished["generation"],
                                  "digests": os.path.join("gen-" + finished["generation"], OUTPUT_DIGESTS),
                                  "rows": finished.get("rows")})
@@ -222,10 +226,10 @@ class WorkLocation:
         """Where the output's digests are written."""
         return os.path.join(self.generation_path, OUTPUT_DIGESTS)
 
-    def mark_complete(self, rows: int) -> None:
+    def mark_complete(self, rows: int, output_signature: Optional[str]) -> None:
         """Record that the job's output is complete (the first step after the output is in place)."""
         self.manifest.update(complete=True, reuse=[],
-                             finished={"generation": self.generation, "rows": rows})
+                             finished={"generation": self.generation, "rows": rows, "signature": output_signature})
         self._save()
 
     def clean(self) -> None:
