@@ -359,7 +359,7 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
     await publish_run_artifacts(summary)
     if summary.complete:
         kill_point("manifest")
-        work.mark_complete(report.rows_written, output_signature(save_filepath, transport_params))
+        work.mark_complete(report.rows_written, output_signature(save_filepath, transport_params), report.local_errors)
         kill_point("cleanup")
         work.clean()
         logger.info("Done: %d rows in %s (%.1f s)", summary.totals.rows, save_filepath, summary.duration_seconds)

@@ -88,6 +88,7 @@ class AssemblyReport:
         invalid_line_examples: the first few invalid-line messages, with their line numbers.
         digests_path: the file holding each output line's digest, when one was written.
         written: False when the output was left as it was (see ``assemble_output``).
+        local_errors: rows whose error was decided without sending (decided again by a rerun).
     """
 
     rows_written: int = 0
@@ -95,6 +96,7 @@ class AssemblyReport:
     invalid_line_examples: List[str] = field(default_factory=list)
     digests_path: Optional[str] = None
     written: bool = True
+    local_errors: int = 0
 
 
 @dataclass
@@ -391,6 +393,7 @@ def _copy_part_in_order(part: PartInfo, index: _PartIndex, first_line: int, outp
                     report.invalid_line_examples.append(message)
                 line = InvalidLine(line_index, envelope["reason"], envelope["raw"], envelope.get("custom_id"))
                 payload = format_invalid_line(line, shape, message)
+            report.local_errors += kind == b"x"
             output.write(payload + b"\n")
             digests.write((digest if kind == b"r" else NO_DIGEST).encode("ascii") + b"\n")
             written += 1

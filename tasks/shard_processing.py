@@ -201,7 +201,7 @@ class Unpriceable(ValueError):
 
 
 def format_usd(amount: float) -> str:
-    """US dollars with the digits that matter: $0.002, $1.50, $1,234.5."""
+    """US dollars with the digits that matter: $0.002, $0.50, $1,234.50."""
     return f"${amount:,.2f}" if amount >= 1 or round(amount, 2) == amount else f"${amount:,.6g}"
 
 

@@ -141,11 +141,17 @@ class WorkLocation:
             current["request_url"] == request_url
         finished = manifest.get("finished")
         output_present = output_signature is not None
+        reusable_output = bool(manifest.get("complete") and finished and output_present
+                               and finished.get("signature") == output_signature)
+        if same and manifest.get("complete") and output_present and not (finished or {}).get("local_errors"):
+            self.clean()
+            return JobStart(already_complete=True)
         if same and manifest.get("complete"):
-            if output_present:
-                self.clean()
-                return JobStart(already_complete=True)
-            reuse: List[Dict[str, Any]] = []  # the output was deleted: its answers are gone with it
+            # The output was deleted (its answers went with it), or some rows' errors were decided without
+            # sending (no price, too large): those are decided again, the answered rows reused.
+            reuse: List[Dict[str, Any]] = []
+            if reusable_output:
+                reuse.append(self._finished_output_source())
         elif same:
             current["input"] = source
             os.makedirs(self.generation_path, exist_ok=True)
@@ -154,11 +160,8 @@ class WorkLocation:
                             needs_reuse_pass=not current.get("reuse_done", False) and bool(manifest.get("reuse")))
         else:
             reuse = list(manifest.get("reuse") or [])
-            if manifest.get("complete") and finished and output_present and \
-                    finished.get("signature") == output_signature:
-                reuse.insert(0, {"kind": "output", "generation": finished["generation"],
-                                 "digests": os.path.join("gen-" + finished["generation"], OUTPUT_DIGESTS),
-                                 "rows": finished.get("rows")})
+            if reusable_output:
+                reuse.insert(0, self._finished_output_source())
             elif current and not manifest.get("complete"):
                 reuse.insert(0, {"kind": "parts", "generation": current["id"]})
         generation = uuid.uuid4().hex
@@ -169,6 +172,12 @@ class WorkLocation:
                         complete=False, reuse=reuse)
         self._save()
         return JobStart(reuse_sources=reuse, needs_reuse_pass=bool(reuse))
+
+    def _finished_output_source(self) -> Dict[str, Any]:
+        """The finished output as a source of answers to reuse."""
+        finished = self.manifest["finished"]
+        return {"kind": "output", "generation": finished["generation"],
+                "digests": os.path.join("gen-" + finished["generation"], OUTPUT_DIGESTS), "rows": finished.get("rows")}
 
     @property
     def generation(self) -> str:
@@ -226,10 +235,14 @@ class WorkLocation:
         """Where the output's digests are written."""
         return os.path.join(self.generation_path, OUTPUT_DIGESTS)
 
-    def mark_complete(self, rows: int, output_signature: Optional[str]) -> None:
-        """Record that the job's output is complete (the first step after the output is in place)."""
+    def mark_complete(self, rows: int, output_signature: Optional[str], local_errors: int = 0) -> None:
+        """Record that the job's output is complete (the first step after the output is in place).
+
+        ``local_errors`` counts rows whose error was decided without sending; a rerun decides them again.
+        """
         self.manifest.update(complete=True, reuse=[],
-                             finished={"generation": self.generation, "rows": rows, "signature": output_signature})
+                             finished={"generation": self.generation, "rows": rows, "signature": output_signature,
+                                       "local_errors": local_errors})
         self._save()
 
     def clean(self) -> None:

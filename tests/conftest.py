@@ -19,7 +19,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 # Third-party imports
+import boto3
 import pytest
+from moto.server import ThreadedMotoServer
 
 # Local application imports
 from tests.openai_test_server import RunningServer, ServerConfig, start_server_thread
@@ -73,6 +75,22 @@ def redis_url() -> Iterator[str]:
     process.terminate()
     process.wait(10)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3 endpoint (moto's server) on 127.0.0.1, reached through AWS_ENDPOINT_URL_S3."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://{host}:{port}")
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="jobs")
+    yield client
+    server.stop()
 
 
 def _redis_answers(port: int) -> bool:

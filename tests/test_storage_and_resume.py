@@ -15,7 +15,6 @@ from typing import Any, Dict, List
 import boto3
 import pytest
 from backports import zstd
-from moto.server import ThreadedMotoServer
 
 # Local application imports
 from flows.parallel_requests import parallel_requests
@@ -39,22 +38,6 @@ async def _run(**parameters: Any):
     parameters.setdefault("max_tokens_per_minute", math.inf)
     state = await parallel_requests(**parameters, return_state=True)
     return state, await state.aresult(raise_on_failure=False)
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    """A real S3 endpoint (moto's server) on 127.0.0.1, reached through AWS_ENDPOINT_URL_S3."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://{host}:{port}")
-    client = boto3.client("s3")
-    client.create_bucket(Bucket="jobs")
-    yield client
-    server.stop()
 
 
 async def test_s3_input_and_output_in_order(prefect_api_url, api_server, s3, tmp_path) -> None:

@@ -12,9 +12,7 @@ import time
 from typing import Any, Dict, List
 
 # Third-party imports
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 # Local application imports
 from flows.parallel_requests import parallel_requests
@@ -173,21 +171,6 @@ def test_the_lock_through_redis_spans_machines_that_share_no_folder(redis_url: s
     again.release()
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A real S3 endpoint (moto's server) on 127.0.0.1, reached through AWS_ENDPOINT_URL_S3."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL_S3", f"http://{host}:{port}")):
-        monkeypatch.setenv(name, value)
-    client = boto3.client("s3")
-    client.create_bucket(Bucket="jobs")
-    yield client
-    server.stop()
-
-
 async def test_a_deleted_s3_output_is_rebuilt(prefect_api_url, api_server, s3, tmp_path) -> None:
     server = api_server()
     rows = _rows(50)
@@ -201,3 +184,25 @@ async def test_a_deleted_s3_output_is_rebuilt(prefect_api_url, api_server, s3, t
     assert state.is_completed() and not summary.get("already_complete"), summary
     body = s3.get_object(Bucket="jobs", Key="out.jsonl")["Body"].read().decode().splitlines()
     assert [json.loads(line)[0]["input"] for line in body] == [row["input"] for row in rows]
+
+
+async def test_rows_failed_without_sending_are_decided_again_by_the_next_run(prefect_api_url, api_server, tmp_path) -> None:
+    server = api_server()
+    rows: List[Dict[str, Any]] = [{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"hi {i}"}],
+                                   "max_tokens": 5} for i in range(40)]
+    rows[9] = {"model": "house-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    parameters = dict(requests_filepath=source, request_url=f"{server.url}/v1/chat/completions", budget_usd=5.0)
+    state, summary = await _run(**parameters)
+    assert state.is_completed() and summary["totals"]["failed_unpriced"] == 1
+    assert "no price for model 'house-model'" in read_jsonl(tmp_path / "in_results.jsonl")[9][1][0]
+    server.reset()
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"house-model": {"input": 1.0, "output": 2.0}}))
+    state, summary = await _run(**parameters, price_table=str(prices))
+    assert state.is_completed(), state.message
+    assert server.stats()["answered"] == 1 and summary["reused_rows"] == 39  # only the unpriced row is sent
+    assert read_jsonl(tmp_path / "in_results.jsonl")[9][1]["choices"][0]["message"]["content"] == "echo: hi"
+    server.reset()
+    state, summary = await _run(**parameters, price_table=str(prices))
+    assert summary.get("already_complete") is True and server.stats()["requests"] == 0
