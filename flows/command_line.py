@@ -29,11 +29,10 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 # Local application imports
 from flows.embedded_prefect_api import start_embedded_api
-from tasks.api_client import check_api_key
 from tasks.request_formats import DEFAULT_REQUEST_URL
 
 DEFAULT_MAX_ATTEMPTS = 5
@@ -56,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         validate_settings(args.max_requests_per_minute, args.max_tokens_per_minute, args.max_attempts,
                           args.max_in_flight, args.shards, args.burst_seconds, args.target_utilization,
                           args.limiter, args.shard_deployment, args.dask_cluster,
-                          uris=(args.requests_filepath, args.save_filepath or "", args.work_dir or ""))
+                          uris=_job_paths(args.requests_filepath, args.save_filepath, args.work_dir))
         _check_input(args.requests_filepath)
         if args.api_key_from_flag and (args.shard_deployment or (args.dask_cluster or "").startswith("tcp://")):
             raise ValueError("--api_key cannot reach child runs or remote Dask workers; set OPENAI_API_KEY in "
@@ -64,13 +63,15 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
     except (ValueError, OSError) as error:
         print(f"parallel-requests: error: {error}", file=sys.stderr)
         return 2
-    try:
-        args.api_key = check_api_key(args.api_key)
-    except ValueError as error:
-        print(f"parallel-requests: {error}", file=sys.stderr)
-        return 1
     # Prefect's local API starts now, in parallel with the rest of start-up (None: PREFECT_API_URL is set).
     embedded_api = start_embedded_api()
+    from tasks.api_client import check_api_key  # imports aiohttp: after the API server is on its way
+
+    try:
+        args.api_key = check_api_key(args.api_key)
+    except ValueError as error:  # stopped before anything is sent; the server stops at exit
+        print(f"parallel-requests: {error}", file=sys.stderr)
+        return 1
     if flow_function is None:
         from flows.parallel_requests import parallel_requests as flow_function  # imports Prefect: ~2 s
     for name in ("prefect.flow_runs", "prefect.task_runs", "tasks", "flows"):
@@ -191,11 +192,12 @@ def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_m
                       max_attempts: int, max_in_flight: int, shards: Optional[int], burst_seconds: float,
                       target_utilization: float = 0.98, limiter: Optional[str] = None,
                       shard_deployment: Optional[str] = None, dask_cluster: Optional[str] = None,
-                      uris: Iterable[str] = ()) -> None:
+                      uris: Sequence[str] = ()) -> None:
     """Reject settings the run cannot work with, before anything is sent.
 
     Args:
-        uris: the input, output and work paths, checked for credentials written into them.
+        uris: the input, output and work paths: checked for credentials written into them, and that
+            none of them is another (the output must never overwrite the input).
 
     Raises:
         ValueError: naming the setting and the value (never a secret).
@@ -218,13 +220,18 @@ def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_m
         raise ValueError("shard_deployment and dask_cluster need limiter: the processes must share one rate limit")
     if limiter and not limiter.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"limiter must be a redis:// URL, got {limiter.rpartition('@')[2]!r}")
-    if limiter and _has_password(limiter):
+    if limiter and (_has_password(limiter) or "password" in limiter.partition("?")[2].lower()):
         raise ValueError("limiter must not carry a password (it would show in parameters and logs); "
                          "put it in PARALLEL_REQUESTS_REDIS_PASSWORD")
     for uri in uris:
         if "://" in uri and _has_password(uri):
             raise ValueError(f"{uri.split('://', 1)[0]}:// paths must not carry credentials (they would show in "
                              "parameters and logs); use the standard AWS configuration or --aws-credentials-block")
+    paths = [_comparable(uri) for uri in uris]
+    if len(paths) >= 2 and paths[0] == paths[1]:
+        raise ValueError(f"the output would overwrite the input {uris[0]}; choose another --save_filepath")
+    if len(paths) >= 3 and paths[2] and paths[2] in paths[:2]:
+        raise ValueError(f"the work folder cannot be the input or the output ({uris[2]}); choose another --work-dir")
 
 
 def default_save_path(requests_filepath: str) -> str:
@@ -293,6 +300,23 @@ def _check_input(requests_filepath: str) -> None:
         raise FileNotFoundError(f"no such input file: {requests_filepath}")
     if not os.access(requests_filepath, os.R_OK):
         raise PermissionError(f"cannot read the input file: {requests_filepath}")
+
+
+def _job_paths(requests_filepath: str, save_filepath: Optional[str], work_dir: Optional[str]) -> Sequence[str]:
+    """The input, the output and the work folder a run will use, defaults filled in."""
+    from tasks.work_location import default_work_dir  # standard library only: start-up stays light
+
+    save_filepath = save_filepath or default_save_path(requests_filepath)
+    return requests_filepath, save_filepath, work_dir or default_work_dir(save_filepath)
+
+
+def _comparable(uri: str) -> str:
+    """A path or URI in a form two spellings of one file share ("" for none)."""
+    if not uri:
+        return ""
+    if "://" not in uri or uri.startswith("file://"):
+        return os.path.realpath(uri.removeprefix("file://"))
+    return uri.rstrip("/")
 
 
 def _has_password(uri: str) -> bool:

@@ -105,11 +105,10 @@ from tasks.storage import (
     input_fingerprint,
     input_size,
     output_exists,
-    output_signature,
     remove_stale_temporaries,
 )
 from tasks.token_estimation import TokenEstimator
-from tasks.work_location import WorkFolderRefused, WorkLocation
+from tasks.work_location import WorkFolderRefused, WorkLocation, default_work_dir
 
 # The garbage collector's first threshold while shards run (Python's default is 700).
 SENDING_GC_THRESHOLD = 10_000
@@ -204,7 +203,7 @@ async def parallel_requests(
     save_filepath = save_filepath or default_save_path(requests_filepath)
     validate_settings(max_requests_per_minute, max_tokens_per_minute, max_attempts, max_in_flight, shards,
                       burst_seconds, target_utilization, limiter, shard_deployment, dask_cluster,
-                      uris=(requests_filepath, save_filepath, work_dir or ""))
+                      uris=(requests_filepath, save_filepath, work_dir or default_work_dir(save_filepath)))
     try:
         api_key = check_api_key(await resolve_api_key(api_key_env_var, api_key_secret_block))
     except ValueError as error:  # a key the HTTP stack would refuse: stop before anything is marked failed
@@ -257,9 +256,7 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
         abort_stale_uploads(save_filepath, transport_params)
         remove_stale_temporaries(save_filepath)
         fingerprint = await asyncio.to_thread(input_fingerprint, requests_filepath, transport_params)
-        start = work.begin(requests_filepath, fingerprint, job.request_url,
-                           output_signature(save_filepath, transport_params)
-                           if output_exists(save_filepath, transport_params) else None)
+        start = work.begin(requests_filepath, fingerprint, job.request_url, output_exists(save_filepath, transport_params))
     except WorkFolderRefused as error:
         logger.error("%s", error)
         return Failed(message=str(error))
@@ -278,7 +275,7 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
             work.record_shard_count(len(shard_specs))
         if start.needs_reuse_pass:
             reused = await asyncio.to_thread(reuse_paid_answers, work, start.reuse_sources, shard_specs, shape,
-                                             job.request_url, save_filepath, transport_params)
+                                             job.request_url, transport_params)
             work.record_reuse_done(work.reused_rows + reused)
     except Exception as error:
         return _storage_failure(logger, requests_filepath, error)
@@ -310,7 +307,7 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
             else:
                 with _collector_tuned_for_sending():
                     states, state = await run_shards_here(job, shard_specs, part_paths, work.generation, progress,
-                                                          api_key, transport_params, engine)
+                                                          api_key, transport_params, engine, lock.lost)
                 outcome = ShardOutcome(await trackers_of(states, shard_specs, state), state.end_reason,
                                        state.error_examples)
         except LimiterUnavailable as error:
@@ -333,14 +330,12 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
     try:
         if complete:
             report = await asyncio.to_thread(assemble_output, save_filepath, parts, shape,
-                                             os.path.basename(requests_filepath), transport_params, True,
-                                             work.digests_path)
+                                             os.path.basename(requests_filepath), transport_params, True)
         else:
             present = output_exists(save_filepath, transport_params)
             existing = count_lines(save_filepath, transport_params) if present else None
             report = await asyncio.to_thread(assemble_output, save_filepath, parts, shape,
-                                             os.path.basename(requests_filepath), transport_params, False, None,
-                                             existing)
+                                             os.path.basename(requests_filepath), transport_params, False, existing)
             if not report.written:
                 output_note = (f"not rewritten: it already holds {existing:,} lines, more than the "
                                f"{report.rows_written:,} finished rows of this input; those stay in {work.path}")
@@ -359,7 +354,7 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
     await publish_run_artifacts(summary)
     if summary.complete:
         kill_point("manifest")
-        work.mark_complete(report.rows_written, output_signature(save_filepath, transport_params), report.local_errors)
+        work.mark_complete(report.rows_written, report.local_errors)
         kill_point("cleanup")
         work.clean()
         logger.info("Done: %d rows in %s (%.1f s)", summary.totals.rows, save_filepath, summary.duration_seconds)

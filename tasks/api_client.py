@@ -19,6 +19,9 @@ date), or ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens`` (``1s``,
 ``83ms``, or plain seconds), in that order. A wait the server asks for is capped at
 ``MAX_SERVER_WAIT_SECONDS``, so a broken or hostile header cannot park a request for days.
 
+Redirects are never followed: the key (and the body) must go to the configured host only, so a
+3xx answer is that row's failure, naming where it pointed.
+
 Authentication is ``Authorization: Bearer KEY``. Azure deployment URLs (any URL with
 ``/deployments`` in it, as the Cookbook script decides) get ``api-key: KEY`` instead. The key
 never appears in an ``ApiResult``: every error text goes through ``redact()``. ``check_api_key``
@@ -155,7 +158,7 @@ class ApiClient:
         headers = self._headers["/deployments" in url]
         try:
             async with self.session.request(
-                method, url, data=payload, headers=headers, timeout=self._timeout
+                method, url, data=payload, headers=headers, timeout=self._timeout, allow_redirects=False
             ) as response:
                 raw = await response.read()
                 return decide(response.status, raw, response.headers, self.api_key)
@@ -229,6 +232,11 @@ def _decide_outcome(status: int, raw: bytes, headers: Mapping[str, str], api_key
         return ApiResult(Outcome.RATE_LIMITED, status, body, error, cause="rate_limited",
                          retry_after=retry_after_seconds(headers), request_id=request_id,
                          rate_limit_scope=_rate_limit_scope(kind, message))
+    if 300 <= status < 400:
+        location = headers.get("location", "")
+        return ApiResult(Outcome.INVALID, status, body, f"HTTP {status}: a redirect to {location[:200]!r} was not "
+                         "followed (the key goes to the configured URL only)", cause=f"http_{status}",
+                         request_id=request_id)
     if status in STOPPING_STATUSES:
         return ApiResult(Outcome.STOP, status, body, error, cause=f"http_{status}", request_id=request_id)
     if status in RETRYABLE_STATUSES or status >= 500:

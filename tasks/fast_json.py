@@ -14,7 +14,9 @@ Pitfalls:
     - orjson rejects integers beyond 64 bits and NaN. Then the standard library decides, so
       an input the standard library accepts still parses, and an invalid one gets its usual
       message ("Expecting value: line 1 column 5 (char 4)").
-    - ``dumps`` returns UTF-8 bytes with no spaces; non-ASCII text stays as it is.
+    - ``dumps`` returns UTF-8 bytes with no spaces; non-ASCII text stays as it is, except a lone
+      surrogate (valid JSON, ``"\\ud800"``, but not UTF-8), which is written back as its escape.
+    - Nesting deeper than the parsers allow raises ``ValueError``, never ``RecursionError``.
 """
 
 # Standard library imports
@@ -35,7 +37,10 @@ def loads(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return json.loads(raw)
+        try:
+            return json.loads(raw)
+        except RecursionError:
+            raise ValueError("the JSON is nested too deeply") from None
 
 
 def dumps(value: Any) -> bytes:
@@ -43,4 +48,8 @@ def dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
     except TypeError:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: keep it as an escape
+            return json.dumps(value, separators=(",", ":")).encode("ascii")

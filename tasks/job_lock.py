@@ -27,8 +27,9 @@ Usage:
     >>> lock.release()
 
 Pitfalls:
-    - A holder that loses its lease (it stalled longer than the lease) learns it at its next
-      renewal; ``JobLock.lost`` is then set and the run stops before it finishes the output.
+    - A holder on another machine that stalls longer than the lease loses it; it learns so at its
+      next renewal, ``JobLock.lost`` is set, and the run stops sending at once and leaves the output
+      to the run that took over. On one machine a live process never loses its lock.
 """
 
 # Standard library imports
@@ -97,12 +98,11 @@ class Holder:
         return f"process {self.pid} on {self.host}{run}, since {taken}"
 
     def is_stale(self) -> bool:
-        """True when the holder is gone: its process died (this host) or its lease ran out."""
-        if time.time() - self.renewed_at > self.lease_seconds:
-            return True
+        """True when the holder is gone: on this host, when its process died (however long ago it
+        renewed: a stopped process keeps its lock); on another, when its lease ran out."""
         if self.host == socket.gethostname():
             return not _process_alive(self.pid, self.pid_started)
-        return False
+        return time.time() - self.renewed_at > self.lease_seconds
 
 
 class FileLease:

@@ -132,7 +132,7 @@ def detect_shape(lines: Union[bytes, Iterable[bytes]]) -> RequestShape:
             continue
         try:
             value = fast_json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(value, dict):
             return RequestShape.BATCH if {"custom_id", "body"} <= value.keys() else RequestShape.COOKBOOK

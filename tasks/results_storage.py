@@ -25,23 +25,22 @@ At the end, ``assemble_output()`` reads each part. It builds an index from row n
 offset (8 bytes a row), checks that every non-blank line has its record when the job is to be
 complete, and writes the rows in input order through ``tasks.storage.open_atomic_output``: a
 temporary file that is fsynced and renamed over the output, or a multipart upload completed only
-on success. Nothing is renamed when the count is wrong. Beside it, the digest of every output
-line goes to a digests file, so the output can later be read back as paid answers
-(``iter_output_answers``). This is also where invalid lines get their message with the file's
-line number, which is known only once the shards before have been counted.
+on success. Nothing is renamed when the count is wrong. This is also where invalid lines get their
+message with the file's line number, which is known only once the shards before have been counted.
+The parts stay in the work folder after the output is written: they are the paid answers that an
+edited input reuses (``tasks.row_reuse``), whatever happens to the output.
 
 Usage:
     >>> with PartWriter(work.part_path(0, 1)) as part:
     ...     part.write_result(0, digest, b'[{"model": "m"}, {"data": []}]')
     ...     part.write_end(1, 1)
-    >>> report = assemble_output("out.jsonl", [PartInfo(path, first_line_number=1)],
+    >>> report = assemble_output("out.jsonl", [PartInfo(path)],
     ...                          RequestShape.COOKBOOK, "requests.jsonl", require_complete=True)
 """
 
 # Standard library imports
 import array
 import os
-import uuid
 from dataclasses import dataclass, field
 from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -65,16 +64,14 @@ class IncompleteOutput(RuntimeError):
 
 @dataclass
 class PartInfo:
-    """Where a shard's part is and where its lines sit in the input.
+    """Where a shard's part is.
 
     Attributes:
-        path: the part file.
-        first_line_number: the input's line number (from 1) of the shard's first line.
+        path: the part file (parts are given in input order).
         line_count: how many lines the shard read, when known from elsewhere (the part's end record wins).
     """
 
     path: str
-    first_line_number: int = 1
     line_count: Optional[int] = None
 
 
@@ -86,7 +83,6 @@ class AssemblyReport:
         rows_written: output lines written.
         rows_expected: non-blank input lines the parts say there are (None when a part never ended).
         invalid_line_examples: the first few invalid-line messages, with their line numbers.
-        digests_path: the file holding each output line's digest, when one was written.
         written: False when the output was left as it was (see ``assemble_output``).
         local_errors: rows whose error was decided without sending (decided again by a rerun).
     """
@@ -94,7 +90,6 @@ class AssemblyReport:
     rows_written: int = 0
     rows_expected: Optional[int] = None
     invalid_line_examples: List[str] = field(default_factory=list)
-    digests_path: Optional[str] = None
     written: bool = True
     local_errors: int = 0
 
@@ -200,7 +195,7 @@ class PartWriter:
 
 def assemble_output(save_path: str, parts: Sequence[PartInfo], shape: RequestShape, source_name: str,
                     transport_params: Optional[Dict[str, Any]] = None, require_complete: bool = False,
-                    digests_path: Optional[str] = None, existing_rows: Optional[int] = None) -> AssemblyReport:
+                    existing_rows: Optional[int] = None) -> AssemblyReport:
     """Write every part's rows, in input order, to ``save_path`` (a path or URI) atomically.
 
     Args:
@@ -211,10 +206,10 @@ def assemble_output(save_path: str, parts: Sequence[PartInfo], shape: RequestSha
         transport_params: smart-open's transport parameters for a remote output.
         require_complete: raise ``IncompleteOutput`` (writing nothing) unless every part ended and
             every non-blank line has its record.
-        digests_path: a local file for each output line's digest (written atomically), or None.
         existing_rows: the lines of the output already there (None: none). An incomplete output is
             not written over one with as many lines or more (never replace an output with a worse
-            one); ``report.written`` is then False.
+            one), and an incomplete output with no row is not written at all; ``report.written`` is
+            then False.
 
     Returns:
         What was written.
@@ -231,33 +226,20 @@ def assemble_output(save_path: str, parts: Sequence[PartInfo], shape: RequestSha
         missing = "a shard never finished reading" if report.rows_expected is None else \
             f"{report.rows_expected - present} of {report.rows_expected} rows have no result"
         raise IncompleteOutput(f"not writing {save_path}: {missing}")
-    if not require_complete and existing_rows is not None and existing_rows >= present:
+    if not require_complete and (present == 0 or (existing_rows is not None and existing_rows >= present)):
         report.written = False
         report.rows_written = present
         return report
-    digests_temporary = f"{digests_path}.{uuid.uuid4().hex}.tmp" if digests_path else None
-    try:
-        with open_atomic_output(save_path, transport_params) as output, \
-                (open(digests_temporary, "wb") if digests_temporary else _NullWriter()) as digests:
-            first_line = 1
-            for part, index in zip(parts, indexes):
-                report.rows_written += _copy_part_in_order(part, index, first_line, output, digests, shape,
-                                                           source_name, report)
-                first_line += index.lines_read if index.lines_read is not None else (part.line_count or 0)
-                if report.rows_written >= present // 2:
-                    kill_point("assembly")
-            if report.rows_written != present:
-                raise IncompleteOutput(f"not writing {save_path}: wrote {report.rows_written} rows of {present}")
-            kill_point("rename")
-            if digests_temporary:
-                digests.flush()
-                os.fsync(digests.fileno())
-        if digests_temporary and digests_path:
-            os.replace(digests_temporary, digests_path)
-            report.digests_path = digests_path
-    finally:
-        if digests_temporary and os.path.exists(digests_temporary):
-            os.remove(digests_temporary)
+    with open_atomic_output(save_path, transport_params) as output:
+        first_line = 1
+        for part, index in zip(parts, indexes):
+            report.rows_written += _copy_part_in_order(part, index, first_line, output, shape, source_name, report)
+            first_line += index.lines_read if index.lines_read is not None else (part.line_count or 0)
+            if report.rows_written >= present // 2:
+                kill_point("assembly")
+        if report.rows_written != present:
+            raise IncompleteOutput(f"not writing {save_path}: wrote {report.rows_written} rows of {present}")
+        kill_point("rename")
     return report
 
 
@@ -270,36 +252,20 @@ def count_lines(save_path: str, transport_params: Optional[Dict[str, Any]] = Non
         return None
 
 
-def iter_output_answers(save_path: str, digests_path: str,
-                        transport_params: Optional[Dict[str, Any]] = None) -> Iterator[Tuple[str, bytes]]:
-    """Yield ``(digest, output line)`` for every answered row of a finished output, in its order."""
-    with open(digests_path, "rb") as digests, open_output_for_reading(save_path, transport_params) as output:
-        for digest_line, output_line in zip(digests, output):
-            digest = digest_line.strip().decode("ascii", "replace")
-            if is_digest(digest) and output_line.endswith(b"\n"):
-                yield digest, output_line.rstrip(b"\n")
-
-
-def iter_part_answers(path: str) -> Iterator[Tuple[str, int]]:
-    """Yield ``(digest, offset of the record)`` for every answered row of a part, in line order."""
+def iter_part_answers(path: str) -> Iterator[Tuple[str, bytes]]:
+    """Yield ``(digest, output line)`` for every row of a part the server answered, in line order."""
     final: Dict[int, Tuple[bytes, str, int]] = {}
     for index, kind, digest, _, offset in iter_part_records(path):
         if kind in FINAL_KINDS:
             final[index] = (kind, digest, offset)
-    for index in sorted(final):
-        kind, digest, offset = final[index]
-        if kind == b"r" and is_digest(digest):
-            yield digest, offset
-
-
-def read_record_payload(path: str, offset: int) -> bytes:
-    """The payload (output line) of the record at ``offset`` of a part."""
     with open(path, "rb") as handle:
-        handle.seek(offset)
-        record = _parse_record(handle.readline())
-    if record is None:
-        raise ValueError(f"{path}: no record at byte {offset}")
-    return record[3]
+        for index in sorted(final):
+            kind, digest, offset = final[index]
+            if kind == b"r" and is_digest(digest):
+                handle.seek(offset)
+                record = _parse_record(handle.readline())
+                if record is not None:
+                    yield digest, record[3]
 
 
 def reformat_answer(output_line: bytes, request: ParsedRequest, shape: RequestShape) -> bytes:
@@ -340,19 +306,6 @@ class _PartIndex:
     rows: Optional[int]
 
 
-class _NullWriter:
-    """A writer that drops what it is given (no digests file wanted)."""
-
-    def __enter__(self) -> "_NullWriter":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
-
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-
 def _index_part(part: PartInfo) -> _PartIndex:
     """Index a part: the offset of each row's last final record, and its end record."""
     lines_read, rows = part.line_count, None
@@ -371,7 +324,7 @@ def _index_part(part: PartInfo) -> _PartIndex:
     return _PartIndex(table, len(offsets), lines_read, rows)
 
 
-def _copy_part_in_order(part: PartInfo, index: _PartIndex, first_line: int, output: IO[bytes], digests: Any,
+def _copy_part_in_order(part: PartInfo, index: _PartIndex, first_line: int, output: IO[bytes],
                         shape: RequestShape, source_name: str, report: AssemblyReport) -> int:
     """Copy one part's rows into ``output`` in line order; return how many were written."""
     written = 0
@@ -385,7 +338,7 @@ def _copy_part_in_order(part: PartInfo, index: _PartIndex, first_line: int, outp
             record = _parse_record(handle.readline())
             if record is None:  # the file changed under us: stop rather than write a wrong row
                 raise IncompleteOutput(f"{part.path} changed during assembly")
-            _, kind, digest, payload = record
+            _, kind, _, payload = record
             if kind == b"i":
                 envelope = fast_json.loads(payload)
                 message = f"{source_name} line {first_line + line_index}: {envelope['reason']}"
@@ -395,7 +348,6 @@ def _copy_part_in_order(part: PartInfo, index: _PartIndex, first_line: int, outp
                 payload = format_invalid_line(line, shape, message)
             report.local_errors += kind == b"x"
             output.write(payload + b"\n")
-            digests.write((digest if kind == b"r" else NO_DIGEST).encode("ascii") + b"\n")
             written += 1
     return written
 

@@ -17,8 +17,8 @@ Usage:
 
 Pitfalls:
     - The URL is part of the identity: a job pointed at another endpoint pays again.
-    - A body that orjson cannot serialise with sorted keys (an integer beyond 64 bits) falls back
-      to the standard library, so every valid JSON line has a digest.
+    - A body that orjson cannot serialise with sorted keys (an integer beyond 64 bits, a lone
+      surrogate) falls back to the standard library, so every valid JSON line has a digest.
 """
 
 # Standard library imports
@@ -40,8 +40,8 @@ def request_digest(method: str, url: str, body: Any) -> str:
     """The digest of one request: method, URL and body with sorted keys (32 hex characters)."""
     try:
         canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-    except TypeError:
-        canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except TypeError:  # integers beyond 64 bits, lone surrogates: the standard library, all in escapes
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
     hasher = hashlib.sha256(f"{method.upper()} {url}\n".encode("utf-8"))
     hasher.update(canonical)
     return hasher.hexdigest()[:DIGEST_LENGTH]

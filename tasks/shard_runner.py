@@ -18,6 +18,7 @@ Usage:
 import asyncio
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -36,6 +37,10 @@ from tasks.request_formats import RequestShape
 from tasks.shard_processing import RunSettings, SharedRunState, process_shard
 from tasks.sharding import ShardSpec
 from tasks.token_estimation import TokenEstimator
+
+# How often a run checks that it still holds the job's lock.
+LOCK_CHECK_SECONDS = 0.25
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -127,7 +132,8 @@ class ShardJob:
 async def run_shards_here(job: ShardJob, shards: Sequence[ShardSpec], part_paths: Sequence[str], work_id: str,
                           progress: RunProgress, api_key: Optional[str],
                           transport_params: Optional[Dict[str, Any]] = None,
-                          engine: Optional[RateLimiterPool] = None) -> Tuple[List[State], SharedRunState]:
+                          engine: Optional[RateLimiterPool] = None,
+                          lost_lock: Optional[threading.Event] = None) -> Tuple[List[State], SharedRunState]:
     """Run shards as async Prefect tasks on this event loop, sharing one engine and one HTTP session.
 
     Args:
@@ -139,6 +145,7 @@ async def run_shards_here(job: ShardJob, shards: Sequence[ShardSpec], part_paths
         api_key: the key (read by the caller from the place the job names).
         transport_params: smart-open's transport parameters for the input.
         engine: an engine already built (and checked); by default one is built from ``job.engine``.
+        lost_lock: set when the job's lock was taken by another run: dispatching stops at once.
 
     Returns:
         Each shard's final state (in order), and the shared state (stop reason, error examples).
@@ -158,13 +165,25 @@ async def run_shards_here(job: ShardJob, shards: Sequence[ShardSpec], part_paths
             state = SharedRunState(settings, engine, ApiClient(session, api_key, job.request_timeout_seconds),
                                    estimator, progress, transport_params, PriceTable.load(job.price_table),
                                    job.budget_usd)
-            outcomes = await asyncio.gather(*(
-                process_shard(shard, part_path, work_id, quote(state), return_state=True)
-                for shard, part_path in zip(shards, part_paths)
-            ))
+            watcher = asyncio.create_task(_stop_when_set(lost_lock, state)) if lost_lock is not None else None
+            try:
+                outcomes = await asyncio.gather(*(
+                    process_shard(shard, part_path, work_id, quote(state), return_state=True)
+                    for shard, part_path in zip(shards, part_paths)
+                ))
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
     finally:
         await engine.aclose()
     return list(outcomes), state
+
+
+async def _stop_when_set(event: threading.Event, state: SharedRunState) -> None:
+    """Stop the run's dispatching as soon as ``event`` is set (checked a few times a second)."""
+    while not event.is_set():
+        await asyncio.sleep(LOCK_CHECK_SECONDS)
+    state.stop("another run took this job's lock; this run stopped sending")
 
 
 @dataclass(frozen=True)

@@ -138,24 +138,6 @@ def output_exists(uri: str, transport_params: Optional[Dict[str, Any]] = None) -
         return False
 
 
-def output_signature(uri: str, transport_params: Optional[Dict[str, Any]] = None) -> Optional[str]:
-    """What identifies an output's current version: size and modification time, or an S3 object's ETag.
-
-    None when it cannot be read; "unversioned" for other stores, which tell no version.
-    """
-    try:
-        if not is_remote(uri):
-            status = os.stat(local_path(uri))
-            return f"{status.st_size}-{status.st_mtime_ns}"
-        if uri.startswith("s3://"):
-            bucket, _, key = uri[len("s3://"):].partition("/")
-            head = _s3_client(transport_params).head_object(Bucket=bucket, Key=key)
-            return f"{head.get('ContentLength')}-{str(head.get('ETag', '')).strip(chr(34))}"
-    except Exception:
-        return None
-    return "unversioned"
-
-
 def open_output_for_reading(uri: str, transport_params: Optional[Dict[str, Any]] = None) -> BinaryIO:
     """Open an earlier output to read its lines back, decompressed by its extension."""
     params = transport_params if is_remote(uri) else None

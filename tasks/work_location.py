@@ -4,26 +4,30 @@ A job is its output. Its work folder holds:
 
     <work>/work.json                          the manifest: whose folder this is, and what it holds
     <work>/job.lock                           the lock of the run in progress (``tasks.job_lock``)
-    <work>/gen-<id>/shard-00003-of-00016.part each shard's finished rows, appended as they finish
-    <work>/gen-<id>/input.jsonl               the decompressed copy of a compressed input
-    <work>/gen-<id>/output.digests            each output line's row digest, once the output is written
+    <work>/gen-<id>/shard-00003-of-00016.part each shard's rows, appended as they finish (kept: the paid answers)
+    <work>/gen-<id>/earlier-answers.jsonl     answers of earlier generations, by row identity (``tasks.row_reuse``)
+    <work>/gen-<id>/input.jsonl               the decompressed copy of a compressed input (removed when done)
 
 A generation is the work on one input content (its bytes, ``tasks.storage.input_fingerprint``)
 and one request URL. The same command after a crash, ``kill -9``, a quota stop or Ctrl-C finds
 the current generation and resumes it: each shard skips the rows its part already holds. A
 touched or re-downloaded input with the same bytes is the same generation. When the input changed,
-a new generation starts, and what the earlier ones paid for (their parts, or the finished
-output read back with its digests) is reused by row identity (``tasks.row_reuse``), so an
-edited input sends only new or changed rows.
+a new generation starts, and everything the earlier ones paid for (their parts and their own
+earlier answers) is carried into it and reused by row identity, so an edited input sends only new
+or changed rows, and no paid answer is ever dropped: not when rows are removed from the input,
+not when the output is deleted, moved or edited. The work folder of a finished job therefore
+keeps about as many bytes as its output (and the answers of rows since removed); delete the folder
+to let them go.
 
 Safety:
     - A folder is ours only when it holds our manifest. A missing or empty folder is made ours; a
       folder holding anything else, or the manifest of another job (another output) or of an
       earlier version of this tool, is refused with one line, and nothing in it is touched.
-    - Only what the manifest names, in folders named ``gen-<32 hex digits>``, is ever deleted.
+    - Only generation folders the manifest names, and in them only the files this module makes, are
+      ever deleted.
     - Finishing is crash-safe: the output is written and renamed, then the manifest is marked
-      complete, then the earlier generations and the parts are cleaned. A kill at any step leaves
-      a state the next run completes without sending a row.
+      complete, then the earlier generations (whose answers the current one holds) are cleaned. A kill
+      at any step leaves a state the next run completes without sending a row.
 
 Where: beside a local output (``results.jsonl.work``). For a remote output (``s3://...``) it is a
 local folder under ``~/.cache/prefect-parallel-requests/work`` keyed by the output URI, or
@@ -51,11 +55,11 @@ MANIFEST = "work.json"
 MANIFEST_FORMAT = 2
 TOOL = "prefect-parallel-requests"
 DECOMPRESSED_INPUT = "input.jsonl"
-OUTPUT_DIGESTS = "output.digests"
-# Names this module creates in a work folder, and only these are ever deleted.
-GENERATION_FOLDER = re.compile(r"^gen-[0-9a-f]{32}$")
-OWN_FILES = re.compile(r"^(shard-\d{5}-of-\d{5}\.part(\.tracker\.json(\.tmp-\d+)?)?|input\.jsonl|reused-answers\.jsonl"
-                       r"|output\.digests(\.[0-9a-f]{32}\.tmp)?)$")
+EARLIER_ANSWERS = "earlier-answers.jsonl"
+# Names this module creates in a generation folder, and only these are ever deleted.
+OWN_FILES = re.compile(r"^(shard-\d{5}-of-\d{5}\.part(\.tracker\.json(\.tmp-\d+)?)?|input\.jsonl|earlier-answers\.jsonl)$")
+# What a finished generation no longer needs: the decompressed input and child runs' counts.
+SCRATCH_FILES = re.compile(r"^(shard-\d{5}-of-\d{5}\.part\.tracker\.json(\.tmp-\d+)?|input\.jsonl)$")
 
 
 class WorkFolderRefused(RuntimeError):
@@ -105,13 +109,14 @@ class WorkLocation:
         manifest = _read_manifest(path)
         if manifest is None:
             _check_empty(path)
-            _create_manifest(path, {"format": MANIFEST_FORMAT, "tool": TOOL, "output": save_filepath, "current": None,
-                                    "complete": False, "finished": None, "reuse": []})
+            _create_manifest(path, {"format": MANIFEST_FORMAT, "tool": TOOL, "output": job_output(save_filepath),
+                                    "current": None, "complete": False, "finished": None, "reuse": [],
+                                    "generations": []})
             manifest = _read_manifest(path)
             if manifest is None:
                 raise WorkFolderRefused(f"the work folder {path} has an unreadable {MANIFEST}; nothing was changed")
         _check_ours(path, manifest, save_filepath)
-        return cls(path, save_filepath, manifest)
+        return cls(path, job_output(save_filepath), manifest)
 
     def reload(self) -> None:
         """Read the manifest again (after taking the job's lock)."""
@@ -121,16 +126,14 @@ class WorkLocation:
         _check_ours(self.path, manifest, self.output)
         self.manifest = manifest
 
-    def begin(self, source: str, input_fingerprint: str, request_url: str, output_signature: Optional[str]) -> JobStart:
+    def begin(self, source: str, input_fingerprint: str, request_url: str, output_present: bool) -> JobStart:
         """Decide what this run does: nothing (already complete), resume, or start a new generation.
 
         Args:
             source: the input's path or URI.
             input_fingerprint: the input's content fingerprint.
             request_url: the request URL.
-            output_signature: the output's current version (``tasks.storage.output_signature``), None when
-                it is absent. A finished output is read back for reuse only when it is the very file this
-                job wrote (an output changed since could pair answers with the wrong rows).
+            output_present: whether the output exists now.
 
         Returns:
             What the run starts from.
@@ -139,45 +142,32 @@ class WorkLocation:
         current = manifest.get("current")
         same = bool(current) and current["input_fingerprint"] == input_fingerprint and \
             current["request_url"] == request_url
-        finished = manifest.get("finished")
-        output_present = output_signature is not None
-        reusable_output = bool(manifest.get("complete") and finished and output_present
-                               and finished.get("signature") == output_signature)
-        if same and manifest.get("complete") and output_present and not (finished or {}).get("local_errors"):
+        local_errors = (manifest.get("finished") or {}).get("local_errors")
+        if same and manifest.get("complete") and output_present and not local_errors:
             self.clean()
             return JobStart(already_complete=True)
-        if same and manifest.get("complete"):
-            # The output was deleted (its answers went with it), or some rows' errors were decided without
-            # sending (no price, too large): those are decided again, the answered rows reused.
-            reuse: List[Dict[str, Any]] = []
-            if reusable_output:
-                reuse.append(self._finished_output_source())
-        elif same:
+        if same and not manifest.get("complete"):
             current["input"] = source
             os.makedirs(self.generation_path, exist_ok=True)
             self._save()
             return JobStart(resumed=True, reuse_sources=list(manifest.get("reuse") or []),
                             needs_reuse_pass=not current.get("reuse_done", False) and bool(manifest.get("reuse")))
-        else:
-            reuse = list(manifest.get("reuse") or [])
-            if reusable_output:
-                reuse.insert(0, self._finished_output_source())
-            elif current and not manifest.get("complete"):
-                reuse.insert(0, {"kind": "parts", "generation": current["id"]})
+        # A new generation: the input changed, the finished output was deleted, or some rows' errors were
+        # decided without sending (no price, too large) and are decided again. Every earlier answer comes along.
+        reuse: List[Dict[str, Any]] = []
+        if current:
+            reuse.append({"kind": "generation", "generation": current["id"]})
+            if not current.get("reuse_done", True):  # its own carry-over never finished: its sources too
+                reuse += list(manifest.get("reuse") or [])
         generation = uuid.uuid4().hex
-        os.makedirs(os.path.join(self.path, f"gen-{generation}"), exist_ok=True)
+        os.makedirs(self.generation_folder(generation), exist_ok=True)
+        generations = [gen for gen in manifest.get("generations") or [] if gen != generation] + [generation]
         manifest.update(current={"id": generation, "input": source, "input_fingerprint": input_fingerprint,
                                  "request_url": request_url, "shard_count": None, "reuse_done": not reuse,
                                  "reused_rows": 0},
-                        complete=False, reuse=reuse)
+                        complete=False, reuse=reuse, generations=generations)
         self._save()
         return JobStart(reuse_sources=reuse, needs_reuse_pass=bool(reuse))
-
-    def _finished_output_source(self) -> Dict[str, Any]:
-        """The finished output as a source of answers to reuse."""
-        finished = self.manifest["finished"]
-        return {"kind": "output", "generation": finished["generation"],
-                "digests": os.path.join("gen-" + finished["generation"], OUTPUT_DIGESTS), "rows": finished.get("rows")}
 
     @property
     def generation(self) -> str:
@@ -231,40 +221,51 @@ class WorkLocation:
         return os.path.join(self.generation_path, DECOMPRESSED_INPUT)
 
     @property
-    def digests_path(self) -> str:
-        """Where the output's digests are written."""
-        return os.path.join(self.generation_path, OUTPUT_DIGESTS)
+    def earlier_answers_path(self) -> str:
+        """Where the current generation keeps the answers carried over from earlier ones."""
+        return self.earlier_answers_of(self.generation)
 
-    def mark_complete(self, rows: int, output_signature: Optional[str], local_errors: int = 0) -> None:
+    def earlier_answers_of(self, generation: str) -> str:
+        """Where a generation keeps the answers carried over from earlier ones."""
+        return os.path.join(self.generation_folder(generation), EARLIER_ANSWERS)
+
+    def mark_complete(self, rows: int, local_errors: int = 0) -> None:
         """Record that the job's output is complete (the first step after the output is in place).
 
         ``local_errors`` counts rows whose error was decided without sending; a rerun decides them again.
         """
         self.manifest.update(complete=True, reuse=[],
-                             finished={"generation": self.generation, "rows": rows, "signature": output_signature,
-                                       "local_errors": local_errors})
+                             finished={"generation": self.generation, "rows": rows, "local_errors": local_errors})
         self._save()
 
     def clean(self) -> None:
-        """Delete what a complete job no longer needs: earlier generations, parts, the decompressed copy."""
+        """Delete what a complete job no longer needs: earlier generations (their answers are carried over)
+        and the finished generation's scratch files. The finished generation's parts stay: paid answers."""
         if not self.manifest.get("complete"):
             return
-        keep = (self.manifest.get("finished") or {}).get("generation")
-        for name in os.listdir(self.path):
-            folder = os.path.join(self.path, name)
-            if not GENERATION_FOLDER.match(name) or not os.path.isdir(folder):
+        keep = self.generation
+        for generation in list(self.manifest.get("generations") or []):
+            folder = self.generation_folder(generation)
+            if generation == keep:
+                _remove_own_files(folder, SCRATCH_FILES)
                 continue
-            if name != f"gen-{keep}":
-                _remove_generation(folder)
-                continue
-            for inner in os.listdir(folder):
-                if OWN_FILES.match(inner) and inner != OUTPUT_DIGESTS:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(folder, inner))
+            _remove_own_files(folder, OWN_FILES)
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+            if not os.path.exists(folder):
+                self.manifest["generations"].remove(generation)
+                self._save()
 
     def _save(self) -> None:
         """Write the manifest atomically."""
         _write_manifest(self.path, self.manifest)
+
+
+def job_output(save_filepath: str) -> str:
+    """The job's identity: a local output as an absolute path, any other URI as it is."""
+    if "://" not in save_filepath or save_filepath.startswith("file://"):
+        return os.path.abspath(save_filepath.removeprefix("file://"))
+    return save_filepath
 
 
 def default_work_dir(save_filepath: str) -> str:
@@ -296,7 +297,7 @@ def _check_ours(path: str, manifest: Dict[str, Any], save_filepath: str) -> None
             f"the work folder {path} was written by an earlier version of prefect-parallel-requests; finish that job "
             "with the version that started it, or choose another --work-dir (or move the folder away). "
             "Nothing in it was changed")
-    if manifest.get("output") != save_filepath:
+    if manifest.get("output") != job_output(save_filepath):
         raise WorkFolderRefused(
             f"the work folder {path} belongs to the job writing {manifest.get('output')}, not {save_filepath}; "
             "choose another --work-dir. Nothing in it was changed")
@@ -338,11 +339,11 @@ def _temporary_manifest(path: str, manifest: Dict[str, Any]) -> str:
     return temporary
 
 
-def _remove_generation(folder: str) -> None:
-    """Delete a generation folder we made: our files in it, then the folder when nothing else is left."""
+def _remove_own_files(folder: str, names: "re.Pattern[str]") -> None:
+    """Delete the files of a generation folder whose names match ``names``."""
+    if not os.path.isdir(folder):
+        return
     for name in os.listdir(folder):
-        if OWN_FILES.match(name) or (name.endswith(".tmp") and name.startswith(".")):
+        if names.match(name):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(folder, name))
-    with contextlib.suppress(OSError):
-        os.rmdir(folder)

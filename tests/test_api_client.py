@@ -153,3 +153,28 @@ def test_error_codes_and_snippets_are_redacted() -> None:
                                      {"x-ratelimit-reset-requests": "72h0m0s"}])
 def test_a_servers_wait_is_capped(headers) -> None:
     assert retry_after_seconds(headers) == MAX_SERVER_WAIT_SECONDS
+
+
+async def test_a_redirect_is_never_followed_with_the_key(api_server) -> None:
+    from aiohttp import web
+
+    target = api_server(api_key=KEY)
+    app = web.Application()
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"{target.url}/v1/chat/completions")
+
+    app.router.add_post("/{tail:.*}", redirect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        for url in (f"http://127.0.0.1:{port}/v1/chat/completions",
+                    f"http://127.0.0.1:{port}/openai/deployments/x/chat/completions?api-version=1"):
+            result = await _send(url, CHAT)
+            assert result.outcome is Outcome.INVALID and result.status == 307 and "not followed" in result.error
+    finally:
+        await runner.cleanup()
+    assert target.stats()["requests"] == 0

@@ -114,6 +114,9 @@ def test_dashed_flags_and_python_dash_m(prefect_api_url, api_server, tmp_path) -
         (["--shard-deployment", "parallel-requests-shards/workers"], "need limiter"),
         (["--limiter", "http://:pw@127.0.0.1:6379"], "limiter must be a redis:// URL, got '127.0.0.1:6379'"),
         (["--limiter", "redis://:hunter2@127.0.0.1:6379/0"], "PARALLEL_REQUESTS_REDIS_PASSWORD"),
+        (["--limiter", "redis://127.0.0.1:6379/0?password=hunter2"], "PARALLEL_REQUESTS_REDIS_PASSWORD"),
+        (["--save_filepath", "{source}"], "would overwrite the input"),
+        (["--save_filepath", "{tmp}/out.jsonl", "--work-dir", "{tmp}/./out.jsonl"], "work folder cannot be"),
         (["--save_filepath", "s3://AKIAEXAMPLE:s3cr3tKey@bucket/out.jsonl"], "must not carry credentials"),
         (["--shards", "100000"], "shards must be from 1 to 256"),
         (["--api_key", "sk-x", "--limiter", "redis://127.0.0.1:6379/0", "--shard-deployment", "a/b"],
@@ -122,6 +125,7 @@ def test_dashed_flags_and_python_dash_m(prefect_api_url, api_server, tmp_path) -
 )
 def test_bad_settings_exit_2_with_one_line(tmp_path, arguments: List[str], message: str) -> None:
     source = write_jsonl(tmp_path / "r.jsonl", [{"model": "m", "input": "x"}])
+    arguments = [argument.format(source=source, tmp=tmp_path) for argument in arguments]
     result = subprocess.run([CLI, "--requests_filepath", source, *arguments], cwd=ROOT, env=_env(),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

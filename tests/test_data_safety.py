@@ -132,8 +132,8 @@ def test_a_kill_at_each_step_of_finishing_then_the_same_command_completes_withou
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
     work = tmp_path / "in_results.jsonl.work"
     leftovers = [name for folder in os.listdir(work) if folder.startswith("gen-")
-                 for name in os.listdir(work / folder) if name != "output.digests"]
-    assert leftovers == []
+                 for name in os.listdir(work / folder) if not name.endswith(".part")]
+    assert leftovers == [] and len([name for name in os.listdir(work) if name.startswith("gen-")]) == 1
 
 
 def test_a_batch_line_can_never_send_the_key_to_another_host(api_server, tmp_path) -> None:
@@ -160,15 +160,21 @@ def test_a_field_of_the_wrong_type_is_one_error_record_among_the_answers(api_ser
     server = api_server()
     rows: List[Any] = _rows(50)
     rows.insert(20, {"model": ["text-embedding-3-small"], "input": "odd"})
+    rows.insert(30, '{"model": "text-embedding-3-small", "input": "deep", "x": ' + "[" * 5000 + "]" * 5000 + "}")
+    rows.insert(31, '{"model": "text-embedding-3-small", "input": "lone \\ud800 surrogate"}')
+    rows.insert(32, '{"model": "text-embedding-3-small", "input": "meta", "metadata": {"k": "\\udc00"}}')
+    rows.insert(33, "null")
     source = write_jsonl(tmp_path / "in.jsonl", rows)
     code, _, err = _run(["--requests_filepath", source, "--request_url", f"{server.url}/v1/embeddings", *NO_LIMITS],
                         str(tmp_path / "home"))
     assert code == 0, err[-2000:]
     results = read_jsonl(tmp_path / "in_results.jsonl")
-    assert len(results) == 51
+    assert len(results) == 55
     assert "in.jsonl line 21: model must be a string" in results[20][1][0]
-    assert all(isinstance(line[1], dict) for i, line in enumerate(results) if i != 20)
-    assert server.stats()["answered"] == 50
+    assert "in.jsonl line 31: invalid JSON" in results[30][1][0] and "in.jsonl line 34:" in results[33][1][0]
+    assert results[31][1]["object"] == "list" and results[32][2] == {"k": "\udc00"}
+    assert all(isinstance(line[1], dict) for i, line in enumerate(results) if i not in (20, 30, 33))
+    assert server.stats()["answered"] == 52
 
 
 def test_a_key_with_a_trailing_newline_works_and_an_impossible_key_stops_at_once(api_server, tmp_path) -> None:

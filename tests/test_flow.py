@@ -78,9 +78,9 @@ async def test_cookbook_file_every_row_once_in_order_with_artifacts(prefect_api_
     assert summary["totals"]["succeeded"] == 296
     assert stats["status_counts"]["404"] == 1 and "400" not in stats["status_counts"]
     assert summary["totals"]["retries"] > 0 and stats["requests"] == summary["totals"]["requests_sent"]
-    work = tmp_path / "requests_results.jsonl.work"  # parts gone once complete; the output's digests stay
+    work = tmp_path / "requests_results.jsonl.work"  # the parts stay once complete: they are the paid answers
     assert sorted(name for folder in os.listdir(work) if folder.startswith("gen-")
-                  for name in os.listdir(work / folder)) == ["output.digests"]
+                  for name in os.listdir(work / folder)) == [f"shard-0000{i}-of-00004.part" for i in range(4)]
 
     async with get_client() as client:
         flow_run_id = state.state_details.flow_run_id

@@ -206,3 +206,46 @@ async def test_rows_failed_without_sending_are_decided_again_by_the_next_run(pre
     server.reset()
     state, summary = await _run(**parameters, price_table=str(prices))
     assert summary.get("already_complete") is True and server.stats()["requests"] == 0
+
+
+async def test_no_paid_answer_is_lost_to_an_empty_input_a_deleted_output_or_a_touched_one(
+        prefect_api_url, api_server, tmp_path) -> None:
+    server = api_server()
+    url = f"{server.url}/v1/embeddings"
+    rows = _rows(60)
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(source, rows)
+    parameters = dict(requests_filepath=str(source), save_filepath=str(output), request_url=url, shards=2)
+    state, _ = await _run(**parameters)
+    assert state.is_completed() and server.stats()["answered"] == 60
+    stranger = tmp_path / "out.jsonl.work" / f"gen-{'a' * 32}"
+    stranger.mkdir()
+    (stranger / "shard-00000-of-00001.part").write_text("not ours: never named by the manifest\n")
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    state, summary = await _run(**dict(parameters, requests_filepath=str(empty)))
+    assert state.is_completed() and summary["totals"]["rows"] == 0
+    server.reset()
+    state, summary = await _run(**parameters)  # the original input again: every answer is still there
+    assert state.is_completed() and summary["reused_rows"] == 60 and server.stats()["requests"] == 0
+
+    output.unlink()  # a deleted output is rebuilt from the kept answers, without paying again
+    state, summary = await _run(**parameters)
+    assert state.is_completed() and len(read_jsonl(output)) == 60 and server.stats()["requests"] == 0
+
+    os.utime(output, (time.time() + 60, time.time() + 60))  # a touched output does not matter
+    rows[5]["input"] = "changed"
+    write_jsonl(source, rows)
+    state, summary = await _run(**parameters)
+    assert state.is_completed() and server.stats()["answered"] == 1 and summary["reused_rows"] == 59
+    assert [line[0]["input"] for line in read_jsonl(output)] == [row["input"] for row in rows]
+    assert (stranger / "shard-00000-of-00001.part").exists()  # cleaning touches only generations it made
+
+
+def test_a_live_process_on_this_machine_keeps_its_lock_however_long_ago_it_renewed(tmp_path) -> None:
+    lease = FileLease(str(tmp_path / "job.lock"))
+    long_ago = time.time() - 3600
+    stalled = Holder("stalled", socket.gethostname(), os.getpid(), None, None, long_ago, long_ago)
+    assert lease.try_take(stalled) is None
+    assert lease.try_take(Holder.of_this_process(None)).token == "stalled"
