@@ -336,9 +336,11 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
             existing = count_lines(save_filepath, transport_params) if present else None
             report = await asyncio.to_thread(assemble_output, save_filepath, parts, shape,
                                              os.path.basename(requests_filepath), transport_params, False, existing)
-            if not report.written:
-                output_note = (f"not rewritten: it already holds {existing:,} lines, more than the "
+            if not report.written and existing is not None:
+                output_note = (f"not rewritten: it already holds {existing:,} lines, as many as or more than the "
                                f"{report.rows_written:,} finished rows of this input; those stay in {work.path}")
+            elif not report.written:
+                output_note = f"not written: no row has finished; rerun to continue (work folder {work.path})"
     except IncompleteOutput as error:
         logger.error("%s; run the same command again to continue", error)
         return Failed(message=f"{error}; run the same command again to continue")

@@ -96,14 +96,14 @@ def test_two_runs_of_one_job_at_once_pay_once_and_leave_a_complete_output(api_se
     stats = server.stats()
     assert stats["answered"] == 400 and stats["bodies_answered_more_than_once"] == 0, stats
 
-    # With --wait-for-lock the later one waits, finds the job complete and sends nothing.
+    # With --wait-for-lock the later one waits, finds the job complete and sends nothing (a new job: another output).
     server.reset()
-    os.remove(tmp_path / "in_results.jsonl")
-    first = _cli([*arguments, "--wait-for-lock"], str(tmp_path / "home1"))
-    second = _cli([*arguments, "--wait-for-lock"], str(tmp_path / "home2"))
+    other = ["--save_filepath", str(tmp_path / "other.jsonl"), "--wait-for-lock"]
+    first = _cli([*arguments, *other], str(tmp_path / "home1"))
+    second = _cli([*arguments, *other], str(tmp_path / "home2"))
     results = [process.communicate(timeout=240) for process in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, results
-    assert len(read_jsonl(tmp_path / "in_results.jsonl")) == 400
+    assert len(read_jsonl(tmp_path / "other.jsonl")) == 400
     stats = server.stats()
     assert stats["answered"] == 400 and stats["bodies_answered_more_than_once"] == 0, stats
 
