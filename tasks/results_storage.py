@@ -40,6 +40,7 @@ Usage:
 
 # Standard library imports
 import array
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -307,21 +308,20 @@ class _PartIndex:
 
 
 def _index_part(part: PartInfo) -> _PartIndex:
-    """Index a part: the offset of each row's last final record, and its end record."""
+    """Index a part: the offset of each row's last final record (8 bytes a row), and its end record."""
     lines_read, rows = part.line_count, None
-    offsets: Dict[int, int] = {}
+    table = array.array("q")
     for index, kind, _, payload, offset in iter_part_records(part.path):
         if kind in FINAL_KINDS:
-            offsets[index] = offset
+            if index >= len(table):
+                table.extend(itertools.repeat(-1, index + 1 - len(table)))
+            table[index] = offset
         elif kind == b"E" and payload.isdigit():
             lines_read, rows = index, int(payload)
     if lines_read is not None:
-        offsets = {index: offset for index, offset in offsets.items() if index < lines_read}
-    size = max(lines_read or 0, max(offsets) + 1 if offsets else 0)
-    table = array.array("q", [-1]) * size
-    for index, offset in offsets.items():
-        table[index] = offset
-    return _PartIndex(table, len(offsets), lines_read, rows)
+        del table[lines_read:]
+        table.extend(itertools.repeat(-1, lines_read - len(table)))
+    return _PartIndex(table, len(table) - table.count(-1), lines_read, rows)
 
 
 def _copy_part_in_order(part: PartInfo, index: _PartIndex, first_line: int, output: IO[bytes],
