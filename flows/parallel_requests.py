@@ -105,6 +105,7 @@ from tasks.storage import (
     input_fingerprint,
     input_size,
     output_exists,
+    output_size,
     remove_stale_temporaries,
 )
 from tasks.token_estimation import TokenEstimator
@@ -256,7 +257,7 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
         abort_stale_uploads(save_filepath, transport_params)
         remove_stale_temporaries(save_filepath)
         fingerprint = await asyncio.to_thread(input_fingerprint, requests_filepath, transport_params)
-        start = work.begin(requests_filepath, fingerprint, job.request_url, output_exists(save_filepath, transport_params))
+        start = work.begin(requests_filepath, fingerprint, job.request_url, output_size(save_filepath, transport_params))
     except WorkFolderRefused as error:
         logger.error("%s", error)
         return Failed(message=str(error))
@@ -325,6 +326,11 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
 
     totals = StatusTracker.merged(trackers)
     complete = outcome.stop_reason is None and totals.rows_done == totals.rows
+    if complete and await asyncio.to_thread(input_fingerprint, requests_filepath, transport_params) != fingerprint:
+        message = ("the input changed while this run read it; its rows are kept, nothing was marked complete: "
+                   "run the same command again")
+        logger.error("%s", message)
+        return Failed(message=message)
     parts = [PartInfo(path, line_count=tracker.lines_read) for path, tracker in zip(part_paths, trackers)]
     output_note = None
     try:
@@ -356,7 +362,7 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
     await publish_run_artifacts(summary)
     if summary.complete:
         kill_point("manifest")
-        work.mark_complete(report.rows_written, report.local_errors)
+        work.mark_complete(report.rows_written, report.local_errors, output_size(save_filepath, transport_params))
         kill_point("cleanup")
         work.clean()
         logger.info("Done: %d rows in %s (%.1f s)", summary.totals.rows, save_filepath, summary.duration_seconds)

@@ -8,7 +8,8 @@ The lock is a set of leases, all taken before anything is read or sent, and held
 background thread) until the run has finished its output:
 
     - a lock file beside a local output (``.results.jsonl.lock``): one machine, and every
-      machine that shares that folder;
+      machine that shares that folder; for an output on S3 or another store, a lock file named
+      after the URI in this machine's cache folder;
     - a lock file in the work folder (``job.lock``): the same for a work folder shared by
       workers on several machines, whatever the output;
     - with a Redis limiter (``--limiter``), a key in that Redis named after the output URI:
@@ -284,6 +285,8 @@ class JobLock:
         if "://" not in save_filepath or save_filepath.startswith("file://"):
             output = os.path.abspath(save_filepath.removeprefix("file://"))
             leases.append(FileLease(os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.lock")))
+        else:  # an object store: a lock file per output URI for this whole machine, whatever the work folder
+            leases.append(FileLease(_machine_lock_path(save_filepath)))
         leases.append(FileLease(os.path.join(work_path, WORK_FOLDER_LOCK)))
         if redis_url:
             leases.append(RedisLease(redis_url, save_filepath))
@@ -349,6 +352,13 @@ class JobLock:
 
 
 # Helpers
+
+
+def _machine_lock_path(output: str) -> str:
+    """This machine's lock file for an output URI (under the user's cache folder)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    key = hashlib.sha256(output.encode("utf-8")).hexdigest()[:32]
+    return os.path.join(cache, "prefect-parallel-requests", "locks", f"{key}.lock")
 
 
 def _process_start(pid: int) -> Optional[str]:

@@ -100,13 +100,13 @@ class PartState:
     """What a part file already holds.
 
     Attributes:
-        done: indexes of rows with their final record.
+        done: indexes of rows with their final record, and the digest each record was written for.
         sent_unfinished: rows that were sent but have no final record (a crash cut them off).
         lines_read: the lines the shard read, when it read them all (its end record), else None.
         rows: the shard's non-blank lines, when it read them all, else None.
     """
 
-    done: Set[int] = field(default_factory=set)
+    done: Dict[int, str] = field(default_factory=dict)
     sent_unfinished: int = 0
     lines_read: Optional[int] = None
     rows: Optional[int] = None
@@ -116,16 +116,16 @@ def read_part_state(path: str) -> PartState:
     """Read which rows of a shard are done (an absent part: none)."""
     state = PartState()
     sent: Set[int] = set()
-    for index, kind, _, payload, _ in iter_part_records(path):
+    for index, kind, digest, payload, _ in iter_part_records(path):
         if kind == b"s":
             sent.add(index)
         elif kind in DONE_KINDS:
-            state.done.add(index)
+            state.done[index] = digest
         elif kind == b"x":
-            state.done.discard(index)
+            state.done.pop(index, None)
         elif kind == b"E" and payload.isdigit():
             state.lines_read, state.rows = index, int(payload)
-    state.sent_unfinished = len(sent - state.done)
+    state.sent_unfinished = len(sent - state.done.keys())
     return state
 
 

@@ -40,7 +40,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 # Third-party imports
 from prefect import get_run_logger, task
@@ -56,6 +56,7 @@ from tasks.rate_limiter import Lane, RateLimiterPool, RequestNeverFits
 from tasks.redis_rate_limiter import LimiterUnavailable
 from tasks.request_formats import InvalidLine, ParsedRequest, RequestShape, format_result, parse_line
 from tasks.results_storage import PartWriter, read_part_state
+from tasks.row_identity import NO_DIGEST
 from tasks.sharding import ShardSpec, iter_shard_lines
 from tasks.token_estimation import TokenEstimator, endpoint_of_url
 
@@ -213,7 +214,7 @@ class _ShardWorker:
     state: SharedRunState
     tracker: StatusTracker
     logger: Any
-    done: Set[int] = field(default_factory=set)
+    done: Dict[int, str] = field(default_factory=dict)
     _pending: set = field(default_factory=set)
 
     async def run(self, part: PartWriter) -> None:
@@ -229,14 +230,15 @@ class _ShardWorker:
                 self.state.progress.advance(len(raw))
                 continue
             self.tracker.rows += 1
-            if line_index in self.done:
+            parsed = parse_line(raw, settings.shape, settings.request_url, line_index)
+            if self.done.get(line_index) == (NO_DIGEST if isinstance(parsed, InvalidLine) else parsed.digest):
+                # Done by an earlier run, for this very request (a record written for other content is not).
                 self.tracker.resumed_rows += 1
                 self.state.progress.advance(len(raw))
                 continue
             if self.state.end_reason is not None:
                 self.tracker.not_sent += 1
                 continue
-            parsed = parse_line(raw, settings.shape, settings.request_url, line_index)
             if isinstance(parsed, InvalidLine):
                 self._record_invalid_line(part, parsed, offset, len(raw))
                 continue
@@ -317,19 +319,19 @@ class _ShardWorker:
     async def _send_until_settled(self, part: PartWriter, request: ParsedRequest, lane: Lane, tokens: int,
                                   line_bytes: int, reserved_usd: float) -> None:
         """Send one request (its first slot already granted) until it succeeds, fails for good, or the run stops."""
-        spent_before = self.tracker.cost_usd
+        spent = 0.0
         try:
-            await self._attempts(part, request, lane, tokens, line_bytes)
+            spent = await self._attempts(part, request, lane, tokens, line_bytes) or 0.0
         except Exception as error:  # a bug must cost one row, never the shard
             self.logger.exception("%s line +%d: unexpected error", self.shard.label, request.line_index)
             self.tracker.failed_after_retries += 1
             self._finish(part, request, line_bytes, None, None, None, [f"internal error: {error!r}"], "internal_error")
         finally:
-            self.state.settle_budget(reserved_usd, self.tracker.cost_usd - spent_before)
+            self.state.settle_budget(reserved_usd, spent)  # this request's own cost, whatever else finished meanwhile
 
     async def _attempts(self, part: PartWriter, request: ParsedRequest, lane: Lane, tokens: int,
-                        line_bytes: int) -> None:
-        """The retry loop of one request (its model's lane of the engine)."""
+                        line_bytes: int) -> Optional[float]:
+        """The retry loop of one request (its model's lane of the engine); return what its answer cost."""
         settings, limiter, tracker = self.state.settings, lane, self.tracker
         errors: List[str] = []
         failed_attempts = 0
@@ -359,12 +361,12 @@ class _ShardWorker:
             if result.status is not None:
                 limiter.observe(result.limits)  # follow the server's x-ratelimit-* headers
             if result.outcome is Outcome.SUCCESS:
-                used = self._count_usage(result, request)
+                used, cost = self._count_usage(result, request)
                 if used is not None and tokens > used:
                     limiter.refund_tokens(tokens - used)  # the estimate reserved more than the answer used
                 tracker.succeeded += 1
                 self._finish(part, request, line_bytes, result.status, result.body, result.request_id, None, None)
-                return
+                return cost
             errors.append(result.error or "unknown error")
             self.state.note_error(result.error or "unknown error")
             if result.outcome is Outcome.STOP:
@@ -416,11 +418,12 @@ class _ShardWorker:
         self.tracker.tokens_estimated += prompt + completion
         return prompt, completion
 
-    def _count_usage(self, result: ApiResult, request: ParsedRequest) -> Optional[int]:
-        """Add the answer's usage (and its cost) to the tracker; return the tokens it used (None: not reported)."""
+    def _count_usage(self, result: ApiResult, request: ParsedRequest) -> Tuple[Optional[int], float]:
+        """Add the answer's usage (and its cost) to the tracker; return the tokens it used (None: not
+        reported) and its cost (0 when unknown)."""
         usage = result.body.get("usage") if isinstance(result.body, dict) else None
         if not isinstance(usage, dict):
-            return None
+            return None, 0.0
         prompt = usage.get("prompt_tokens")
         completion = usage.get("completion_tokens")
         prompt = prompt if isinstance(prompt, int) else 0
@@ -433,7 +436,7 @@ class _ShardWorker:
         else:
             self.tracker.cost_usd += cost
         total = usage.get("total_tokens")
-        return total if isinstance(total, int) else prompt + completion
+        return (total if isinstance(total, int) else prompt + completion), cost or 0.0
 
     def _record_invalid_line(self, part: PartWriter, line: InvalidLine, offset: int, line_bytes: int) -> None:
         """Write an invalid line's error record and warn about it."""

@@ -138,6 +138,21 @@ def output_exists(uri: str, transport_params: Optional[Dict[str, Any]] = None) -
         return False
 
 
+def output_size(uri: str, transport_params: Optional[Dict[str, Any]] = None) -> Optional[int]:
+    """The output's size in bytes; None when it is absent; -1 when it exists but its store tells no size."""
+    if not output_exists(uri, transport_params):
+        return None
+    try:
+        if not is_remote(uri):
+            return os.path.getsize(local_path(uri))
+        if uri.startswith("s3://"):
+            bucket, _, key = uri[len("s3://"):].partition("/")
+            return int(_s3_client(transport_params).head_object(Bucket=bucket, Key=key).get("ContentLength", -1))
+    except Exception:
+        return None
+    return -1
+
+
 def open_output_for_reading(uri: str, transport_params: Optional[Dict[str, Any]] = None) -> BinaryIO:
     """Open an earlier output to read its lines back, decompressed by its extension."""
     params = transport_params if is_remote(uri) else None

@@ -126,14 +126,16 @@ class WorkLocation:
         _check_ours(self.path, manifest, self.output)
         self.manifest = manifest
 
-    def begin(self, source: str, input_fingerprint: str, request_url: str, output_present: bool) -> JobStart:
+    def begin(self, source: str, input_fingerprint: str, request_url: str, output_size: Optional[int]) -> JobStart:
         """Decide what this run does: nothing (already complete), resume, or start a new generation.
 
         Args:
             source: the input's path or URI.
             input_fingerprint: the input's content fingerprint.
             request_url: the request URL.
-            output_present: whether the output exists now.
+            output_size: the output's size now (``tasks.storage.output_size``): None when it is absent. An
+                output that is not the size this job wrote (deleted, cut short, edited) is rebuilt from
+                the kept answers.
 
         Returns:
             What the run starts from.
@@ -142,7 +144,9 @@ class WorkLocation:
         current = manifest.get("current")
         same = bool(current) and current["input_fingerprint"] == input_fingerprint and \
             current["request_url"] == request_url
-        local_errors = (manifest.get("finished") or {}).get("local_errors")
+        finished = manifest.get("finished") or {}
+        local_errors = finished.get("local_errors")
+        output_present = output_size is not None and finished.get("size") in (None, -1, output_size)
         if same and manifest.get("complete") and output_present and not local_errors:
             self.clean()
             return JobStart(already_complete=True)
@@ -152,7 +156,7 @@ class WorkLocation:
             self._save()
             return JobStart(resumed=True, reuse_sources=list(manifest.get("reuse") or []),
                             needs_reuse_pass=not current.get("reuse_done", False) and bool(manifest.get("reuse")))
-        # A new generation: the input changed, the finished output was deleted, or some rows' errors were
+        # A new generation: the input changed, the finished output was deleted or changed, or some rows' errors were
         # decided without sending (no price, too large) and are decided again. Every earlier answer comes along.
         reuse: List[Dict[str, Any]] = []
         if current:
@@ -229,13 +233,14 @@ class WorkLocation:
         """Where a generation keeps the answers carried over from earlier ones."""
         return os.path.join(self.generation_folder(generation), EARLIER_ANSWERS)
 
-    def mark_complete(self, rows: int, local_errors: int = 0) -> None:
+    def mark_complete(self, rows: int, local_errors: int = 0, output_size: Optional[int] = None) -> None:
         """Record that the job's output is complete (the first step after the output is in place).
 
         ``local_errors`` counts rows whose error was decided without sending; a rerun decides them again.
         """
         self.manifest.update(complete=True, reuse=[],
-                             finished={"generation": self.generation, "rows": rows, "local_errors": local_errors})
+                             finished={"generation": self.generation, "rows": rows, "local_errors": local_errors,
+                                       "size": output_size})
         self._save()
 
     def clean(self) -> None:

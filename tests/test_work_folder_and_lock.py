@@ -157,6 +157,41 @@ def test_a_live_lock_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path) 
     second.release()
 
 
+def test_an_s3_outputs_lock_holds_on_this_machine_whatever_the_work_folder(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = JobLock.for_job("s3://jobs/out.jsonl", str(tmp_path / "work-a"))
+    first.acquire()
+    try:
+        with pytest.raises(JobLocked):
+            JobLock.for_job("s3://jobs/out.jsonl", str(tmp_path / "work-b")).acquire()
+    finally:
+        first.release()
+
+
+async def test_a_part_written_for_other_content_is_never_taken_for_this_rows_answer(
+        prefect_api_url, api_server, tmp_path) -> None:
+    server = api_server(quota_after=40)
+    url = f"{server.url}/v1/embeddings"
+    source = tmp_path / "in.jsonl"
+    write_jsonl(source, _rows(100, tag="old"))
+    state, _ = await _run(requests_filepath=str(source), request_url=url, max_in_flight=2)
+    assert state.is_failed()
+    # The input is replaced while its generation's parts stay (as when a file changes under a running job):
+    # the manifest's generation is made to claim the new content.
+    write_jsonl(source, _rows(100, tag="new"))
+    manifest_path = tmp_path / "in_results.jsonl.work" / "work.json"
+    manifest = json.loads(manifest_path.read_text())
+    from tasks.storage import input_fingerprint
+    manifest["current"]["input_fingerprint"] = input_fingerprint(str(source))
+    manifest_path.write_text(json.dumps(manifest))
+    server.server.config.quota_after = None
+    server.reset()
+    state, _ = await _run(requests_filepath=str(source), request_url=url)
+    assert state.is_completed(), state.message
+    assert [line[0]["input"] for line in read_jsonl(tmp_path / "in_results.jsonl")] == [f"new {i}" for i in range(100)]
+    assert server.stats()["answered"] == 100
+
+
 def test_the_lock_through_redis_spans_machines_that_share_no_folder(redis_url: str, tmp_path) -> None:
     output = "s3://jobs/out/results.jsonl"
     first = JobLock.for_job(output, str(tmp_path / "machine-a"), redis_url)
@@ -231,6 +266,9 @@ async def test_no_paid_answer_is_lost_to_an_empty_input_a_deleted_output_or_a_to
     assert state.is_completed() and summary["reused_rows"] == 60 and server.stats()["requests"] == 0
 
     output.unlink()  # a deleted output is rebuilt from the kept answers, without paying again
+    state, summary = await _run(**parameters)
+    assert state.is_completed() and len(read_jsonl(output)) == 60 and server.stats()["requests"] == 0
+    output.write_text("".join(output.read_text().splitlines(keepends=True)[:10]))  # cut short by hand
     state, summary = await _run(**parameters)
     assert state.is_completed() and len(read_jsonl(output)) == 60 and server.stats()["requests"] == 0
 
