@@ -6,7 +6,6 @@ twice, nothing sent that should not be.
 """
 
 # Standard library imports
-import json
 import os
 import signal
 import subprocess

@@ -12,7 +12,6 @@ import time
 from typing import Any, Dict, List
 
 # Third-party imports
-import boto3
 import pytest
 from backports import zstd
 
