@@ -104,7 +104,6 @@ from tasks.storage import (
     describe_storage_error,
     input_fingerprint,
     input_size,
-    output_exists,
     output_size,
     remove_stale_temporaries,
 )
@@ -338,8 +337,7 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
             report = await asyncio.to_thread(assemble_output, save_filepath, parts, shape,
                                              os.path.basename(requests_filepath), transport_params, True)
         else:
-            present = output_exists(save_filepath, transport_params)
-            existing = count_lines(save_filepath, transport_params) if present else None
+            existing = count_lines(save_filepath, transport_params)  # None: there is no output yet
             report = await asyncio.to_thread(assemble_output, save_filepath, parts, shape,
                                              os.path.basename(requests_filepath), transport_params, False, existing)
             if not report.written and existing is not None:
