@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	$(BIN)/python -m flows.embedded_prefect_api --prepare
+	$(BIN)/python -m tasks.platform.embedded_prefect_api --prepare
 	touch $@
 
 demo: install

@@ -127,7 +127,7 @@ def measure_s3_fetch(megabytes: int, shards: int) -> Dict[str, Any]:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from tasks.sharding import iter_shard_lines, plan_shards
+    from tasks.shards.sharding import iter_shard_lines, plan_shards
     from tests.byte_counting_proxy import ByteCountingProxy
 
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -192,7 +192,7 @@ def run_flow_cli(source: str, url: str, work: str, extra: List[str], measure_mem
     arguments = ["--requests_filepath", source, "--save_filepath", save, "--request_url", url, *extra,
                  "--logging_level", "WARNING"]
     if measure_memory:
-        code = ("import resource, sys\nfrom flows.parallel_requests import main\nstatus = main(sys.argv[1:])\n"
+        code = ("import resource, sys\nfrom flows.command_line import main\nstatus = main(sys.argv[1:])\n"
                 "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(status)\n")
         command = [sys.executable, "-c", code, *arguments]
     else:
@@ -221,7 +221,7 @@ class TestServer:
 
     def __enter__(self) -> "TestServer":
         port_file = os.path.join(self.work, f"port-{time.monotonic_ns()}")
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.openai_test_server", "--port", "0",
+        self.process = subprocess.Popen([sys.executable, "-m", "tools.openai_test_server", "--port", "0",
                                          "--port-file", port_file, *self.options], cwd=ROOT,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30

@@ -38,8 +38,8 @@ import uuid
 from typing import Any, Dict, List, Optional
 
 # Local application imports
-from tasks.rate_limiter import RateLimiterPool
-from tasks.redis_rate_limiter import RedisRateLimiterPool
+from tasks.limits.rate_limiter import RateLimiterPool
+from tasks.limits.redis_engine import RedisRateLimiterPool
 
 
 async def drive(pool: Any, seconds: float, concurrency: int, request_seconds: float) -> Dict[str, Any]:

@@ -18,8 +18,8 @@ import shutil
 import sys
 
 # Local application imports
-from flows.parallel_requests import main
-from tests.openai_test_server import ServerConfig, start_server_thread
+from flows.command_line import main
+from tools.openai_test_server import ServerConfig, start_server_thread
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUESTS = os.path.join(HERE, "example_requests.jsonl")

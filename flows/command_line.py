@@ -8,7 +8,7 @@ server boots.
 Usage:
     parallel-requests --requests_filepath requests.jsonl --request_url https://api.openai.com/v1/chat/completions \\
         --max_requests_per_minute 1500 --max_tokens_per_minute 125000
-    python -m flows.parallel_requests ...        # the same command line
+    python -m flows.command_line ...             # the same command line (also python -m flows.parallel_requests)
 
 Every flag of the Cookbook's ``api_request_parallel_processor.py`` works verbatim, and each is also
 spelled with dashes. ``--api_key`` defaults to the ``OPENAI_API_KEY`` environment variable.
@@ -32,13 +32,16 @@ import sys
 from typing import Any, Callable, Dict, Optional, Sequence
 
 # Local application imports
-from flows.embedded_prefect_api import start_embedded_api
-from tasks.request_formats import DEFAULT_REQUEST_URL
+from tasks.job.settings import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_IN_FLIGHT,
+    MAX_SHARDS,
+    job_paths,
+    validate_settings,
+)
+from tasks.platform.embedded_prefect_api import start_embedded_api
+from tasks.requests.request_formats import DEFAULT_REQUEST_URL
 
-DEFAULT_MAX_ATTEMPTS = 5
-DEFAULT_MAX_IN_FLIGHT = 200
-# The most shards a run may have: each holds a part file and an input handle open while it runs.
-MAX_SHARDS = 256
 # The environment variable through which the command line hands ``--api_key`` to the flow.
 CLI_API_KEY_VARIABLE = "PARALLEL_REQUESTS_CLI_API_KEY"
 
@@ -55,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         validate_settings(args.max_requests_per_minute, args.max_tokens_per_minute, args.max_attempts,
                           args.max_in_flight, args.shards, args.burst_seconds, args.target_utilization,
                           args.limiter, args.shard_deployment, args.dask_cluster,
-                          uris=_job_paths(args.requests_filepath, args.save_filepath, args.work_dir))
+                          uris=job_paths(args.requests_filepath, args.save_filepath, args.work_dir))
         _check_input(args.requests_filepath)
         if args.api_key_from_flag and (args.shard_deployment or (args.dask_cluster or "").startswith("tcp://")):
             raise ValueError("--api_key cannot reach child runs or remote Dask workers; set OPENAI_API_KEY in "
@@ -65,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         return 2
     # Prefect's local API starts now, in parallel with the rest of start-up (None: PREFECT_API_URL is set).
     embedded_api = start_embedded_api()
-    from tasks.api_client import check_api_key  # imports aiohttp: after the API server is on its way
+    from tasks.api.api_client import check_api_key  # imports aiohttp: after the API server is on its way
 
     try:
         args.api_key = check_api_key(args.api_key)
@@ -188,58 +191,8 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_minute: Optional[float],
-                      max_attempts: int, max_in_flight: int, shards: Optional[int], burst_seconds: float,
-                      target_utilization: float = 0.98, limiter: Optional[str] = None,
-                      shard_deployment: Optional[str] = None, dask_cluster: Optional[str] = None,
-                      uris: Sequence[str] = ()) -> None:
-    """Reject settings the run cannot work with, before anything is sent.
-
-    Args:
-        uris: the input, output and work paths: checked for credentials written into them, and that
-            none of them is another (the output must never overwrite the input).
-
-    Raises:
-        ValueError: naming the setting and the value (never a secret).
-    """
-    for name, value in (("max_requests_per_minute", max_requests_per_minute),
-                        ("max_tokens_per_minute", max_tokens_per_minute)):
-        if value is not None and not (value > 0):
-            raise ValueError(f"{name} must be positive (or 'inf' for no limit), got {value!r}")
-    if max_attempts < 1:
-        raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
-    if max_in_flight < 1:
-        raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-    if shards is not None and not 1 <= shards <= MAX_SHARDS:
-        raise ValueError(f"shards must be from 1 to {MAX_SHARDS}, got {shards}")
-    if not burst_seconds > 0:
-        raise ValueError(f"burst_seconds must be positive, got {burst_seconds}")
-    if not 0 < target_utilization <= 1:
-        raise ValueError(f"target_utilization must be above 0 and at most 1, got {target_utilization}")
-    if (shard_deployment or dask_cluster) and not limiter:
-        raise ValueError("shard_deployment and dask_cluster need limiter: the processes must share one rate limit")
-    if limiter and not limiter.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"limiter must be a redis:// URL, got {limiter.rpartition('@')[2]!r}")
-    if limiter and (_has_password(limiter) or "password" in limiter.partition("?")[2].lower()):
-        raise ValueError("limiter must not carry a password (it would show in parameters and logs); "
-                         "put it in PARALLEL_REQUESTS_REDIS_PASSWORD")
-    for uri in uris:
-        if "://" in uri and _has_password(uri):
-            raise ValueError(f"{uri.split('://', 1)[0]}:// paths must not carry credentials (they would show in "
-                             "parameters and logs); use the standard AWS configuration or --aws-credentials-block")
-    paths = [_comparable(uri) for uri in uris]
-    if len(paths) >= 2 and paths[0] == paths[1]:
-        raise ValueError(f"the output would overwrite the input {uris[0]}; choose another --save_filepath")
-    if len(paths) >= 3 and paths[2] and paths[2] in paths[:2]:
-        raise ValueError(f"the work folder cannot be the input or the output ({uris[2]}); choose another --work-dir")
 
 
-def default_save_path(requests_filepath: str) -> str:
-    """The Cookbook's default output name: ``x.jsonl`` gives ``x_results.jsonl``."""
-    head, dot, tail = requests_filepath.rpartition(".jsonl")
-    if dot:
-        return f"{head}_results.jsonl{tail}"
-    return f"{requests_filepath}_results.jsonl"
 
 
 def format_cli_summary(summary: Dict[str, Any]) -> str:
@@ -302,29 +255,10 @@ def _check_input(requests_filepath: str) -> None:
         raise PermissionError(f"cannot read the input file: {requests_filepath}")
 
 
-def _job_paths(requests_filepath: str, save_filepath: Optional[str], work_dir: Optional[str]) -> Sequence[str]:
-    """The input, the output and the work folder a run will use, defaults filled in."""
-    from tasks.work_location import default_work_dir  # standard library only: start-up stays light
-
-    save_filepath = save_filepath or default_save_path(requests_filepath)
-    return requests_filepath, save_filepath, work_dir or default_work_dir(save_filepath)
 
 
-def _comparable(uri: str) -> str:
-    """A path or URI in a form two spellings of one file share ("" for none)."""
-    if not uri:
-        return ""
-    if "://" not in uri or uri.startswith("file://"):
-        return os.path.realpath(uri.removeprefix("file://"))
-    return uri.rstrip("/")
 
 
-def _has_password(uri: str) -> bool:
-    """True when a URI carries credentials before its host (``scheme://user:secret@host``)."""
-    netloc = uri.split("://", 1)[1].split("/", 1)[0] if "://" in uri else ""
-    if "@" not in netloc:
-        return False
-    return bool(netloc.rpartition("@")[0])
 
 
 def _limit(text: str) -> float:

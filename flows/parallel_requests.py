@@ -14,7 +14,7 @@ formats work unchanged, as a Prefect 3 flow named ``parallel-requests``. From th
         --max_attempts 5 \\
         --logging_level 20
 
-The same runs as ``python -m flows.parallel_requests ...``. From Python, or as a deployment:
+The same runs as ``python -m flows.parallel_requests ...`` (the command line, run by name). From Python, or as a deployment:
 ``await parallel_requests(requests_filepath="requests.jsonl", request_url=...)``.
 
 What happens:
@@ -46,9 +46,8 @@ import contextlib
 import dataclasses
 import gc
 import json
-import math
 import os
-import sys
+import runpy
 import time
 from typing import Any, Dict, Iterator, Optional
 
@@ -59,15 +58,8 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed, State
 
 # Local application imports
-from flows.command_line import (
-    DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_MAX_IN_FLIGHT,
-    default_save_path,
-    main,
-    validate_settings,
-)
 from flows.parallel_requests_shards import run_shards_as_child_runs, run_shards_on_dask
-from tasks.metrics import (
+from tasks.reporting.metrics import (
     RunProgress,
     RunSummary,
     StatusTracker,
@@ -75,29 +67,26 @@ from tasks.metrics import (
     publish_dry_run_artifact,
     publish_run_artifacts,
 )
-from tasks.dry_run import plan_dry_run
-from tasks.pricing import PriceTable
-from tasks.rate_limiter import FALLBACK_REQUESTS_PER_MINUTE, FALLBACK_TOKENS_PER_MINUTE, RateLimiterPool
-from tasks.redis_rate_limiter import LimiterUnavailable, RedisRateLimiterPool, describe_redis_url
-from tasks.api_client import check_api_key
-from tasks.crash_points import kill_point
-from tasks.job_lock import JobLock, JobLocked
-from tasks.request_formats import DEFAULT_REQUEST_URL
-from tasks.results_storage import IncompleteOutput, PartInfo, assemble_output, count_lines
-from tasks.row_reuse import reuse_paid_answers
-from tasks.shard_runner import (
-    EngineSettings,
-    ShardJob,
-    ShardOutcome,
-    ShardPlacement,
-    resolve_api_key,
-    run_shards_here,
-    trackers_of,
-    transport_params_for,
+from tasks.reporting.dry_run import plan_dry_run
+from tasks.requests.pricing import PriceTable, format_usd
+from tasks.job.settings import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_IN_FLIGHT, default_save_path, validate_settings
+from tasks.limits.learned_limits import (
+    FALLBACK_REQUESTS_PER_MINUTE,
+    FALLBACK_TOKENS_PER_MINUTE,
+    finite_limit,
+    lower_limit,
 )
-from tasks.shard_processing import format_usd
-from tasks.sharding import detect_source_shape, plan_shards
-from tasks.storage import (
+from tasks.limits.redis_engine import LimiterUnavailable, check_limiter
+from tasks.api.api_client import check_api_key
+from tasks.job.crash_points import kill_point
+from tasks.job.job_lock import JobLock, JobLocked
+from tasks.requests.request_formats import DEFAULT_REQUEST_URL
+from tasks.storage.results_storage import IncompleteOutput, PartInfo, assemble_output, count_lines
+from tasks.storage.row_reuse import reuse_paid_answers
+from tasks.platform.prefect_blocks import resolve_api_key, transport_params_for
+from tasks.shards.runner import EngineSettings, ShardJob, ShardPlacement, run_shards_here
+from tasks.shards.sharding import detect_source_shape, plan_shards
+from tasks.storage.uris import (
     abort_stale_uploads,
     compression_of,
     decompress_to,
@@ -107,8 +96,8 @@ from tasks.storage import (
     output_size,
     remove_stale_temporaries,
 )
-from tasks.token_estimation import TokenEstimator
-from tasks.work_location import WorkFolderRefused, WorkLocation, default_work_dir
+from tasks.requests.token_estimation import TokenEstimator
+from tasks.job.work_location import WorkFolderRefused, WorkLocation, default_work_dir
 
 # The garbage collector's first threshold while shards run (Python's default is 700).
 SENDING_GC_THRESHOLD = 10_000
@@ -286,7 +275,6 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
                 shape.value, len(shard_specs), save_filepath, f" (resuming from {work.path})" if start.resumed else "",
                 f"; {work.reused_rows} earlier answers reused" if work.reused_rows else "")
 
-    engine = job.engine.build(job.request_url, api_key)
     part_paths = [work.part_path(shard.index, shard.count) for shard in shard_specs]
     progress = RunProgress(total_bytes=size)
     run_slot = (concurrency(placement.run_concurrency_limit, occupy=1) if placement.run_concurrency_limit
@@ -294,10 +282,7 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
     async with run_slot, progress_artifact(progress):
         try:
             if placement.shard_deployment or placement.dask_cluster:
-                try:  # the shards build their own engines on the shared limiter; check it is there first
-                    await engine.check()
-                finally:
-                    await engine.aclose()
+                await check_limiter(str(job.engine.limiter))  # the shards' engines share it: check it is there
             if placement.shard_deployment:
                 outcome = await run_shards_as_child_runs(placement.shard_deployment, job, shard_specs, part_paths,
                                                          work.generation, progress)
@@ -306,18 +291,12 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
                                                    work.generation, progress)
             else:
                 with _collector_tuned_for_sending():
-                    states, state = await run_shards_here(job, shard_specs, part_paths, work.generation, progress,
-                                                          api_key, transport_params, engine, lock.lost)
-                outcome = ShardOutcome(await trackers_of(states, shard_specs, state), state.end_reason,
-                                       state.error_examples)
+                    outcome = await run_shards_here(job, shard_specs, part_paths, work.generation, progress,
+                                                    api_key, transport_params, lock.lost)
         except LimiterUnavailable as error:
             logger.error("%s", error)
             return Failed(message=str(error))
     trackers = outcome.trackers
-    if isinstance(engine, RedisRateLimiterPool) and engine.granted:
-        logger.info("Shared limiter %s (%s): %d script calls for %d grants, %.3f round trips per request",
-                    describe_redis_url(engine.url), engine.identity, engine.calls, engine.granted,
-                    engine.round_trips_per_request)
     if lock.lost.is_set():
         message = "another run took this job's lock while this one ran; this run leaves the output to it"
         logger.error("%s", message)
@@ -352,8 +331,8 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
         return _storage_failure(logger, save_filepath, error)
     summary = RunSummary(
         source=requests_filepath, output=save_filepath, totals=totals, shards=trackers,
-        max_requests_per_minute=_finite(_lower_limit(job.engine.max_requests_per_minute, _learned(engine, "requests"))),
-        max_tokens_per_minute=_finite(_lower_limit(job.engine.max_tokens_per_minute, _learned(engine, "tokens"))),
+        max_requests_per_minute=finite_limit(lower_limit(job.engine.max_requests_per_minute, outcome.learned_requests)),
+        max_tokens_per_minute=finite_limit(lower_limit(job.engine.max_tokens_per_minute, outcome.learned_tokens)),
         stop_reason=outcome.stop_reason, error_examples=report.invalid_line_examples + outcome.error_examples,
         duration_seconds=time.monotonic() - started, reused_rows=work.reused_rows, output_note=output_note,
     )
@@ -447,23 +426,6 @@ def _read_model_limits(model_limits: Any) -> Dict[str, Dict[str, float]]:
     return {str(model): dict(limits) for model, limits in dict(model_limits).items()}
 
 
-def _learned(pool: RateLimiterPool, scope: str) -> Optional[float]:
-    """The limit the server said, when every model's lane heard the same one (the usual single-model run)."""
-    values = {lane.learned_limit(scope) for lane in pool.lanes.values()}
-    return values.pop() if len(values) == 1 else None
-
-
-def _lower_limit(configured: Optional[float], learned: Optional[float]) -> Optional[float]:
-    """The limit in force: the lower of the configured one and the one the server said."""
-    known = [limit for limit in (configured, learned) if limit is not None]
-    return min(known) if known else None
-
-
-def _finite(limit: Optional[float]) -> Optional[float]:
-    """A limit for reports: None for no limit."""
-    return None if limit is None or math.isinf(limit) else limit
-
-
 def _shardable_source(requests_filepath: str, work: WorkLocation, transport_params: Optional[Dict[str, Any]]) -> str:
     """The input itself, or for a compressed input its decompressed copy in the work location."""
     if compression_of(requests_filepath) is None:
@@ -487,4 +449,6 @@ def _flow_run_name() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main(flow_function=parallel_requests))
+    # ``python -m flows.parallel_requests`` is the command line's other name. It is run, not imported,
+    # so the command line (which imports this flow) and the flow never import each other.
+    runpy.run_module("flows.command_line", run_name="__main__", alter_sys=True)

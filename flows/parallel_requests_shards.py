@@ -2,7 +2,7 @@
 
 The distributed mode of the ``parallel-requests`` flow. With ``shard_deployment`` set (and a
 shared ``limiter``), the parent flow puts the shard numbers in a queue in Redis
-(``tasks.shard_queue``) and starts one child flow run per shard with Prefect's
+(``tasks.shards.shard_queue``) and starts one child flow run per shard with Prefect's
 ``run_deployment``. Each child run lands on whichever worker of the deployment's work pool is
 free, on any machine, and takes shards from the queue one at a time until it is empty: children
 that start early keep the shared limit busy while the others are still starting. Each shard runs
@@ -51,17 +51,11 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed, State
 
 # Local application imports
-from tasks.metrics import RunProgress, StatusTracker
-from tasks.shard_runner import (
-    ShardJob,
-    ShardOutcome,
-    resolve_api_key,
-    run_shards_here,
-    trackers_of,
-    transport_params_for,
-)
-from tasks.shard_queue import ShardQueue
-from tasks.sharding import ShardSpec
+from tasks.reporting.metrics import RunProgress
+from tasks.platform.prefect_blocks import resolve_api_key, transport_params_for
+from tasks.shards.runner import ShardJob, ShardOutcome, ShardResult, run_shards_here
+from tasks.shards.shard_queue import ShardQueue
+from tasks.shards.sharding import ShardSpec
 
 # How often the parent asks for a child run's state (seconds).
 CHILD_POLL_SECONDS = 1.0
@@ -99,8 +93,8 @@ async def parallel_requests_shards(job: Dict[str, Any], shards: List[Dict[str, A
             taken.append(index)
             record = await _run_one_shard(shard_job, specs[index], part_paths[index], work_id, api_key,
                                           transport_params)
-            _write_record(part_paths[index], record)
-            stop_reason = record["stop_reason"]
+            _write_record(part_paths[index], record.to_dict())
+            stop_reason = record.stop_reason
     finally:
         await queue.aclose()
     logger.info("Runner %d ran %d shard(s): %s", runner, len(taken), ", ".join(str(i + 1) for i in taken) or "none left")
@@ -156,8 +150,8 @@ async def run_shards_as_child_runs(deployment: str, job: ShardJob, shards: Seque
     progress.advance(progress.total_bytes)  # every shard is accounted for below
     failures = [f"child run {child.name} ended {child.state.name if child.state else 'unknown'}"
                 for child in children if not (child.state and child.state.is_completed())]
-    return _outcome_of(shards, [_read_record(part_path) for part_path in part_paths],
-                       f"was not finished ({'; '.join(failures) or 'no child run took it'})")
+    return ShardOutcome.collect(shards, [_read_record(part_path) for part_path in part_paths],
+                                f"was not finished ({'; '.join(failures) or 'no child run took it'})")
 
 
 @task(name="process-shard-elsewhere", persist_result=False, task_run_name="{shard[source]} shard {shard[index]}")
@@ -166,7 +160,8 @@ async def process_shard_elsewhere(job: Dict[str, Any], shard: Dict[str, Any], pa
     shard_job = ShardJob.from_dict(job)
     api_key = await resolve_api_key(shard_job.api_key_env_var, shard_job.api_key_secret_block)
     transport_params = await transport_params_for(shard_job.aws_credentials_block)
-    return await _run_one_shard(shard_job, ShardSpec(**shard), part_path, work_id, api_key, transport_params)
+    result = await _run_one_shard(shard_job, ShardSpec(**shard), part_path, work_id, api_key, transport_params)
+    return result.to_dict()
 
 
 async def run_shards_on_dask(cluster: str, job: ShardJob, shards: Sequence[ShardSpec], part_paths: Sequence[str],
@@ -194,13 +189,13 @@ async def run_shards_on_dask(cluster: str, job: ShardJob, shards: Sequence[Shard
         futures = [runner.submit(process_shard_elsewhere, parameters={"job": parameters, "shard": asdict(shard),
                                                                        "part_path": part_path, "work_id": work_id})
                    for shard, part_path in zip(shards, part_paths)]
-        records: List[Optional[Dict[str, Any]]] = []
+        results: List[Optional[ShardResult]] = []
         for shard, future in zip(shards, futures):
             await asyncio.to_thread(future.wait)
             progress.advance(shard.end - shard.start)
             value = await future.state.aresult(raise_on_failure=False) if future.state else None
-            records.append(value if isinstance(value, dict) else None)
-    return _outcome_of(shards, records, "failed on Dask")
+            results.append(ShardResult.from_dict(value) if isinstance(value, dict) else None)
+    return ShardOutcome.collect(shards, results, "failed on Dask")
 
 
 # Helpers
@@ -212,27 +207,12 @@ def tracker_path(part_path: str) -> str:
 
 
 async def _run_one_shard(job: ShardJob, shard: ShardSpec, part_path: str, work_id: str, api_key: Optional[str],
-                         transport_params: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """Run one shard in this process; its record: counts, stop reason and error examples (JSON-safe)."""
+                         transport_params: Optional[Dict[str, Any]]) -> ShardResult:
+    """Run one shard in this process; its result (counts, stop reason, error examples, limits learned)."""
     progress = RunProgress(total_bytes=shard.end - shard.start)
-    states, state = await run_shards_here(job, [shard], [part_path], work_id, progress, api_key, transport_params)
-    tracker = (await trackers_of(states, [shard], state))[0]
-    return {"tracker": asdict(tracker), "stop_reason": state.end_reason, "error_examples": state.error_examples}
-
-
-def _outcome_of(shards: Sequence[ShardSpec], records: Sequence[Optional[Dict[str, Any]]], missing: str) -> ShardOutcome:
-    """The run's outcome from each shard's record; a shard with none has its rows not sent (``missing`` says why)."""
-    outcome = ShardOutcome(trackers=[])
-    for shard, record in zip(shards, records):
-        if record is None:
-            outcome.stop_reason = outcome.stop_reason or f"{shard.label} {missing}; rerun to continue"
-            outcome.trackers.append(StatusTracker(shard=shard.index, rows=1, not_sent=1))
-            continue
-        outcome.trackers.append(StatusTracker(**record["tracker"]))
-        outcome.stop_reason = outcome.stop_reason or record.get("stop_reason")
-        outcome.error_examples += [text for text in record.get("error_examples") or []
-                                   if text not in outcome.error_examples]
-    return outcome
+    outcome = await run_shards_here(job, [shard], [part_path], work_id, progress, api_key, transport_params)
+    return ShardResult(outcome.trackers[0], outcome.stop_reason, outcome.error_examples, outcome.learned_requests,
+                       outcome.learned_tokens)
 
 
 def _write_record(part_path: str, record: Dict[str, Any]) -> None:
@@ -246,12 +226,12 @@ def _write_record(part_path: str, record: Dict[str, Any]) -> None:
     os.replace(temporary, path)
 
 
-def _read_record(part_path: str) -> Optional[Dict[str, Any]]:
-    """A shard's record, or None when no child run left one."""
+def _read_record(part_path: str) -> Optional[ShardResult]:
+    """A shard's result, or None when no child run left one."""
     try:
         with open(tracker_path(part_path), encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
+            return ShardResult.from_dict(json.load(handle))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 

@@ -1,6 +1,6 @@
 """Shared fixtures: a real Prefect API (test harness), and OpenAI-compatible test servers on 127.0.0.1.
 
-Every test that sends requests talks to a real ``tests.openai_test_server`` over a socket;
+Every test that sends requests talks to a real ``tools.openai_test_server`` over a socket;
 flow tests run against a real (temporary, SQLite) Prefect server started once per session.
 """
 
@@ -24,7 +24,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 # Local application imports
-from tests.openai_test_server import RunningServer, ServerConfig, start_server_thread
+from tools.openai_test_server import RunningServer, ServerConfig, start_server_thread
 
 
 @pytest.fixture(scope="session")

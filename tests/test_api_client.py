@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 # Local application imports
-from tasks.api_client import (
+from tasks.api.api_client import (
     MAX_SERVER_WAIT_SECONDS,
     ApiClient,
     Outcome,

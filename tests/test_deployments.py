@@ -25,7 +25,7 @@ from prefect.client.schemas.filters import (
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 # Local application imports
-from flows.embedded_prefect_api import seed_home
+from tasks.platform.embedded_prefect_api import seed_home
 from tests.conftest import write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

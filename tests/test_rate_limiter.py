@@ -9,7 +9,7 @@ from typing import List
 import pytest
 
 # Local application imports
-from tasks.rate_limiter import RateLimiter, RequestNeverFits
+from tasks.limits.rate_limiter import RateLimiter, RequestNeverFits
 
 
 @pytest.mark.parametrize(
@@ -28,35 +28,53 @@ def test_rejects_zero_and_negative_settings(options: dict) -> None:
         RateLimiter(**options)
 
 
-async def _grant_times(limiter: RateLimiter, count: int, tokens: float = 1) -> List[float]:
-    start = time.monotonic()
+class FakeClock:
+    """A clock the test moves by hand: the buckets' arithmetic runs with no sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _clocked(**options) -> "tuple[RateLimiter, FakeClock]":
+    clock = FakeClock()
+    return RateLimiter(clock=clock, **options), clock
+
+
+def _grant_times(limiter: RateLimiter, clock: FakeClock, count: int, tokens: float = 1, step: float = 0.001) -> List[float]:
+    """When each of ``count`` requests is granted, moving the clock a millisecond at a time (each released at once)."""
+    start = clock.now
     times = []
-    for _ in range(count):
-        async with limiter.reserve(tokens):
-            times.append(time.monotonic() - start)
+    while len(times) < count:
+        if limiter.try_acquire(tokens):
+            times.append(round(clock.now - start, 6))
+            limiter.release(tokens)
+        else:
+            clock.now += step
     return times
 
 
 async def test_paces_requests_at_the_limit_without_a_burst() -> None:
-    limiter = RateLimiter(max_requests_per_minute=1200, max_tokens_per_minute=None, target_utilization=1.0)
-    times = await _grant_times(limiter, 30)  # 20 per second
-    assert 1.3 <= times[-1] <= 2.0, times[-1]
+    limiter, clock = _clocked(max_requests_per_minute=1200, max_tokens_per_minute=None, target_utilization=1.0)
+    times = _grant_times(limiter, clock, 30)  # 20 per second
+    assert times[-1] == pytest.approx(1.5, abs=0.002)  # the bucket starts empty: 30 at 20 a second
     # No sliding one-second window holds more than one second of the limit (plus one for edges).
     assert max(sum(1 for t in times if start <= t < start + 1.0) for start in times) <= 21
-    # The bucket starts empty: the first second does not carry a burst on top of the refill.
-    assert sum(1 for t in times if t < 0.5) <= 11
+    assert all(later - earlier == pytest.approx(0.05, abs=0.0015) for earlier, later in zip(times, times[1:]))
 
 
 async def test_tokens_per_minute_limit_paces_by_tokens() -> None:
-    limiter = RateLimiter(max_requests_per_minute=None, max_tokens_per_minute=60_000, target_utilization=1.0)
-    times = await _grant_times(limiter, 6, tokens=200)  # 1,000 tokens per second, 1,200 tokens in all
-    assert 1.0 <= times[-1] <= 1.6, times
+    limiter, clock = _clocked(max_requests_per_minute=None, max_tokens_per_minute=60_000, target_utilization=1.0)
+    times = _grant_times(limiter, clock, 6, tokens=200)  # 1,000 tokens per second, 1,200 tokens in all
+    assert times[-1] == pytest.approx(1.2, abs=0.002), times
 
 
 async def test_target_utilization_leaves_headroom() -> None:
-    limiter = RateLimiter(max_requests_per_minute=1200, max_tokens_per_minute=None, target_utilization=0.5)
-    times = await _grant_times(limiter, 10)  # 10 per second instead of 20
-    assert times[-1] >= 0.9, times[-1]
+    limiter, clock = _clocked(max_requests_per_minute=1200, max_tokens_per_minute=None, target_utilization=0.5)
+    times = _grant_times(limiter, clock, 10)  # 10 per second instead of 20
+    assert times[-1] == pytest.approx(1.0, abs=0.002), times[-1]
 
 
 async def test_request_above_the_token_limit_fails_at_once() -> None:
@@ -69,11 +87,10 @@ async def test_request_above_the_token_limit_fails_at_once() -> None:
 
 
 async def test_request_deeper_than_the_bucket_but_within_the_limit_is_served() -> None:
-    limiter = RateLimiter(max_requests_per_minute=None, max_tokens_per_minute=600, target_utilization=1.0)
-    start = time.monotonic()
-    await asyncio.wait_for(limiter.acquire(300), timeout=3)  # bucket holds 10; served once full
-    assert time.monotonic() - start < 1.5
-    limiter.release()
+    limiter, clock = _clocked(max_requests_per_minute=None, max_tokens_per_minute=600, target_utilization=1.0)
+    times = _grant_times(limiter, clock, 2, tokens=300)  # the bucket holds 10 a second: served once full
+    assert times[0] == pytest.approx(1.0, abs=0.002)
+    assert times[1] == pytest.approx(1.0 + 1.0 + 29.0, abs=0.01)  # the debt of 290 is refilled first
 
 
 async def test_in_flight_cap_holds_across_callers() -> None:
@@ -134,27 +151,26 @@ async def test_a_cancelled_waiter_leaks_no_capacity() -> None:
 
 
 async def test_slow_down_empties_the_buckets() -> None:
-    limiter = RateLimiter(max_requests_per_minute=6000, max_tokens_per_minute=None, target_utilization=1.0)
-    await limiter.acquire(1)
-    limiter.release()
-    await asyncio.sleep(1.0)  # the bucket refills to its depth: 100 requests
-    burst = await _grant_times(limiter, 20)
-    assert burst[-1] < 0.05  # served from what the bucket held
-    await asyncio.sleep(1.0)
+    limiter, clock = _clocked(max_requests_per_minute=6000, max_tokens_per_minute=None, target_utilization=1.0)
+    _grant_times(limiter, clock, 1)
+    clock.now += 1.0  # the bucket refills to its depth: 100 requests
+    burst = _grant_times(limiter, clock, 20)
+    assert burst[-1] == 0.0  # served from what the bucket held
     limiter.slow_down()
-    paced = await _grant_times(limiter, 20)
-    assert paced[-1] >= 0.15  # after a 429 the engine goes on at its refill rate only
+    paced = _grant_times(limiter, clock, 20)
+    assert paced[-1] == pytest.approx(0.2, abs=0.002)  # after a 429 the engine goes on at its refill rate only
 
 
 async def test_refund_returns_tokens() -> None:
-    limiter = RateLimiter(max_requests_per_minute=None, max_tokens_per_minute=6_000, target_utilization=1.0)
-    await asyncio.sleep(1.0)  # full: 100 tokens
-    await limiter.acquire(100)
+    limiter, clock = _clocked(max_requests_per_minute=None, max_tokens_per_minute=6_000, target_utilization=1.0)
+    limiter.try_acquire(0)
     limiter.release()
+    clock.now += 1.0  # full: 100 tokens
+    assert limiter.try_acquire(100)
+    limiter.release()
+    assert not limiter.try_acquire(80)
     limiter.refund_tokens(80)
-    start = time.monotonic()
-    await limiter.acquire(80)
-    assert time.monotonic() - start < 0.05
+    assert limiter.try_acquire(80)  # at the same instant: the refund is what serves it
     limiter.release()
 
 
@@ -162,30 +178,30 @@ async def test_refund_returns_tokens() -> None:
 
 
 def _limits(**values):
-    from tasks.api_client import ServerLimits
+    from tasks.api.api_client import ServerLimits
 
     return ServerLimits(**values)
 
 
 async def test_a_lower_server_limit_wins_over_the_configured_one() -> None:
-    limiter = RateLimiter(max_requests_per_minute=36_000, max_tokens_per_minute=None, target_utilization=1.0)
-    await limiter.acquire(1)
-    limiter.release()
+    limiter, clock = _clocked(max_requests_per_minute=36_000, max_tokens_per_minute=None, target_utilization=1.0)
+    _grant_times(limiter, clock, 1)
     limiter.observe(_limits(limit_requests=1200, remaining_requests=1199, reset_requests_seconds=0.05))
-    assert limiter.learned_requests_per_minute == 1200
-    times = await _grant_times(limiter, 21)  # 20 per second, not 600
-    assert times[-1] >= 0.9, times[-1]
+    assert limiter.learned.requests == 1200
+    times = _grant_times(limiter, clock, 21)  # 20 per second, not 600
+    assert times[-1] >= 0.95, times[-1]
 
 
 async def test_an_exhausted_budget_pauses_until_the_servers_reset() -> None:
-    limiter = RateLimiter(max_requests_per_minute=6000, max_tokens_per_minute=None, target_utilization=1.0)
-    await limiter.acquire(1)
+    limiter, clock = _clocked(max_requests_per_minute=6000, max_tokens_per_minute=None, target_utilization=1.0)
+    _grant_times(limiter, clock, 1)
+    clock.now += 1.0
+    assert limiter.try_acquire(1)
     limiter.observe(_limits(remaining_requests=0, reset_requests_seconds=0.6))
     limiter.release()
-    start = time.monotonic()
-    await limiter.acquire(1)
-    assert time.monotonic() - start >= 0.55
-    limiter.release()
+    times = _grant_times(limiter, clock, 1)
+    # The bucket may hold no more than remains less what is in flight (-1), and refills after the reset.
+    assert times[0] == pytest.approx(0.62, abs=0.002)
 
 
 async def test_learning_starts_cautiously_then_adopts_the_servers_limit() -> None:
@@ -202,7 +218,7 @@ async def test_learning_starts_cautiously_then_adopts_the_servers_limit() -> Non
                             remaining_tokens=999_000))
     await asyncio.wait_for(second, 0.5)
     limiter.release()
-    assert limiter.learned_requests_per_minute == 6000 and limiter.token_limit == 1_000_000
+    assert limiter.learned.requests == 6000 and limiter.token_limit == 1_000_000
 
 
 async def test_learning_falls_back_to_the_cookbook_defaults_without_headers() -> None:
@@ -210,4 +226,4 @@ async def test_learning_falls_back_to_the_cookbook_defaults_without_headers() ->
     await limiter.acquire(1)
     limiter.release()
     limiter.observe(None)
-    assert limiter.learned_requests_per_minute == 1500 and limiter.token_limit == 125_000
+    assert limiter.learned.requests == 1500 and limiter.token_limit == 125_000

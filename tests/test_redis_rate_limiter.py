@@ -10,9 +10,9 @@ from typing import List
 import pytest
 
 # Local application imports
-from tasks.api_client import ServerLimits
-from tasks.rate_limiter import RequestNeverFits
-from tasks.redis_rate_limiter import (
+from tasks.api.api_client import ServerLimits
+from tasks.limits.rate_limiter import RequestNeverFits
+from tasks.limits.redis_engine import (
     LimiterUnavailable,
     RedisRateLimiterPool,
     describe_redis_url,
@@ -126,7 +126,7 @@ async def test_a_429_in_one_process_slows_the_other_and_learned_limits_are_share
     await asyncio.sleep(0.2)  # the headers ride along within 20 ms
     await lane_b.acquire(10)  # the other process's call brings the learned limits back
     lane_b.release(10)
-    assert lane_b.learned_requests_per_minute == 600 and lane_b.learned_tokens_per_minute == 50_000
+    assert lane_b.learned.requests == 600 and lane_b.learned.tokens == 50_000
     with pytest.raises(RequestNeverFits):
         await lane_b.acquire(60_000)  # above the learned token limit: fails at once
 

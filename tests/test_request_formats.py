@@ -7,7 +7,7 @@ import json
 import pytest
 
 # Local application imports
-from tasks.request_formats import (
+from tasks.requests.request_formats import (
     InvalidLine,
     ParsedRequest,
     RequestShape,

@@ -8,8 +8,8 @@ import os
 import pytest
 
 # Local application imports
-from tasks.request_formats import InvalidLine, RequestShape
-from tasks.results_storage import (
+from tasks.requests.request_formats import InvalidLine, RequestShape
+from tasks.storage.results_storage import (
     IncompleteOutput,
     PartInfo,
     PartWriter,

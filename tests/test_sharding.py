@@ -8,7 +8,7 @@ from typing import List
 import pytest
 
 # Local application imports
-from tasks.sharding import default_shard_count, iter_shard_lines, plan_shards
+from tasks.shards.sharding import default_shard_count, iter_shard_lines, plan_shards
 
 CONTENTS = {
     "plain": b"".join(json.dumps({"i": i, "pad": "x" * (i % 7)}).encode() + b"\n" for i in range(50)),

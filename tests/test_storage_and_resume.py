@@ -17,7 +17,7 @@ from backports import zstd
 
 # Local application imports
 from flows.parallel_requests import parallel_requests
-from tasks.results_storage import PartWriter, read_part_state
+from tasks.storage.results_storage import PartWriter, read_part_state
 from tests.conftest import read_jsonl, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,7 +215,7 @@ def test_kill_9_during_the_final_assembly_then_the_same_command_completes(api_se
 
 
 def test_sharded_s3_reads_fetch_little_more_than_the_object(s3, monkeypatch) -> None:
-    from tasks.sharding import iter_shard_lines, plan_shards
+    from tasks.shards.sharding import iter_shard_lines, plan_shards
     from tests.byte_counting_proxy import ByteCountingProxy
 
     lines = [json.dumps({"model": "m", "input": "x" * (100 + (i * 37) % 3000), "i": i}).encode() + b"\n" for i in range(21000)]

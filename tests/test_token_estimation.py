@@ -11,7 +11,7 @@ import pytest
 import tiktoken
 
 # Local application imports
-from tasks.token_estimation import (
+from tasks.requests.token_estimation import (
     EncodingUnavailable,
     TokenEstimator,
     encoding_name_for_model,
@@ -107,7 +107,7 @@ def test_works_with_no_network_and_an_empty_cache(tmp_path) -> None:
         "def refuse(*args, **kwargs):\n"
         "    raise SystemExit('the network was used')\n"
         "requests.get = refuse\n"
-        "from tasks.token_estimation import TokenEstimator\n"
+        "from tasks.requests.token_estimation import TokenEstimator\n"
         "e = TokenEstimator()\n"
         "print(e.estimate({'model': 'gpt-4o-mini', 'input': 'hi'}), e.estimate({'model': 'gpt-4', 'input': 'hi'}))\n"
     )

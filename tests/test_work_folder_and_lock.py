@@ -16,8 +16,8 @@ import pytest
 
 # Local application imports
 from flows.parallel_requests import parallel_requests
-from tasks.job_lock import FileLease, Holder, JobLock, JobLocked
-from tasks.work_location import WorkFolderRefused, WorkLocation
+from tasks.job.job_lock import FileLease, Holder, JobLock, JobLocked
+from tasks.job.work_location import WorkFolderRefused, WorkLocation
 from tests.conftest import read_jsonl, write_jsonl
 
 
@@ -181,7 +181,7 @@ async def test_a_part_written_for_other_content_is_never_taken_for_this_rows_ans
     write_jsonl(source, _rows(100, tag="new"))
     manifest_path = tmp_path / "in_results.jsonl.work" / "work.json"
     manifest = json.loads(manifest_path.read_text())
-    from tasks.storage import input_fingerprint
+    from tasks.storage.uris import input_fingerprint
     manifest["current"]["input_fingerprint"] = input_fingerprint(str(source))
     manifest_path.write_text(json.dumps(manifest))
     server.server.config.quota_after = None

@@ -51,7 +51,7 @@ from typing import Any, Dict, Mapping, Optional
 import aiohttp
 
 # Local application imports
-from tasks import fast_json
+from tasks.requests import fast_json
 
 # Statuses that are worth another attempt besides 5xx.
 RETRYABLE_STATUSES = frozenset({408, 409})

@@ -25,7 +25,7 @@ from typing import Iterable, Optional
 import redis.asyncio as redis_asyncio
 
 # Local application imports
-from tasks.redis_rate_limiter import redis_client
+from tasks.limits.redis_engine import redis_client
 
 # How long a queue may stay in Redis (a run that outlives it fails its remaining child runs clearly).
 QUEUE_SECONDS = 7 * 86400

@@ -47,138 +47,20 @@ Pitfalls:
 import asyncio
 import collections
 import contextlib
-import math
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Deque, Dict, Optional, Protocol, Tuple
+from typing import Any, AsyncIterator, Callable, Deque, Dict, Optional, Protocol, Tuple
 
-# A float tolerance, so that a bucket refilled to 0.9999999999 of a request still serves it.
-_EPSILON = 1e-9
-# Where a learning bucket starts, before the first answer says the server's limits.
-LEARNING_REQUESTS_PER_MINUTE = 60.0
-LEARNING_TOKENS_PER_MINUTE = 60_000.0
-# The Cookbook script's defaults, used when the server's answers carry no limits.
-FALLBACK_REQUESTS_PER_MINUTE = 3_000 * 0.5
-FALLBACK_TOKENS_PER_MINUTE = 250_000 * 0.5
+# Local application imports
+from tasks.limits.learned_limits import (
+    LEARNING_REQUESTS_PER_MINUTE,
+    LEARNING_TOKENS_PER_MINUTE,
+    LearnedLimits,
+    RequestNeverFits,
+    check_fits,
+)
+from tasks.limits.token_bucket import TokenBucket
 
-
-def limit_when_unsaid(limits: Any, scope: str) -> float:
-    """The per-minute limit to assume for ``scope`` ("requests" or "tokens") when an answer states none.
-
-    A server that states its limit of the other kind has no limit of this kind (math.inf). A
-    server that states no limit at all (or sends only remaining counts, as Azure does) gets the
-    Cookbook's defaults.
-    """
-    other = "tokens" if scope == "requests" else "requests"
-    if getattr(limits, f"limit_{other}", None):
-        return math.inf
-    return FALLBACK_REQUESTS_PER_MINUTE if scope == "requests" else FALLBACK_TOKENS_PER_MINUTE
-
-
-class RequestNeverFits(ValueError):
-    """Raised for a request whose token estimate is above the per-minute token limit."""
-
-
-@dataclass
-class TokenBucket:
-    """A token bucket that refills continuously at ``rate_per_second`` up to ``capacity``.
-
-    An unlimited bucket has ``rate_per_second`` set to ``math.inf`` and never makes anyone wait.
-    The level may go below zero (debt) when a request bigger than the capacity is served.
-    A paused bucket does not refill before ``paused_until``.
-    """
-
-    rate_per_second: float
-    capacity: float
-    level: float = 0.0
-    updated_at: float = 0.0
-    paused_until: float = 0.0
-
-    @classmethod
-    def per_minute(cls, limit_per_minute: Optional[float], burst_seconds: float, now: float) -> "TokenBucket":
-        """Build a bucket for a per-minute limit, ``burst_seconds`` deep, starting empty.
-
-        Args:
-            limit_per_minute: the limit, or None for no limit.
-            burst_seconds: how many seconds of the limit the bucket holds at most.
-            now: the current time of the event loop's clock.
-
-        Returns:
-            The bucket.
-
-        Raises:
-            ValueError: when the limit or the depth is zero or negative.
-        """
-        if limit_per_minute is None or math.isinf(limit_per_minute):
-            return cls(rate_per_second=math.inf, capacity=math.inf, level=math.inf, updated_at=now)
-        if not limit_per_minute > 0:
-            raise ValueError(f"a per-minute limit must be positive, got {limit_per_minute!r}")
-        if not burst_seconds > 0:
-            raise ValueError(f"burst_seconds must be positive, got {burst_seconds!r}")
-        rate = limit_per_minute / 60.0
-        # At least one whole unit fits, or a 30-per-minute limit could never serve anything.
-        capacity = max(rate * burst_seconds, 1.0)
-        return cls(rate_per_second=rate, capacity=capacity, level=0.0, updated_at=now)
-
-    @property
-    def unlimited(self) -> bool:
-        """True when this bucket never limits anything."""
-        return math.isinf(self.rate_per_second)
-
-    def refill(self, now: float) -> None:
-        """Add what has flowed in since the last refill (or the end of a pause), up to the capacity."""
-        if self.unlimited:
-            return
-        start = max(self.updated_at, self.paused_until)
-        elapsed = now - start
-        if elapsed > 0:
-            self.level = min(self.capacity, self.level + elapsed * self.rate_per_second)
-            self.updated_at = now
-
-    def seconds_until_available(self, amount: float, now: float) -> float:
-        """Seconds until ``amount`` can be served (0.0 when it can be served now).
-
-        A request bigger than the capacity is served as soon as the bucket is full.
-        """
-        if self.unlimited:
-            return 0.0
-        needed = min(amount, self.capacity) - self.level
-        pause = max(0.0, self.paused_until - now)
-        if needed <= _EPSILON:
-            return pause
-        return pause + needed / self.rate_per_second
-
-    def set_rate(self, limit_per_minute: float, burst_seconds: float, now: float) -> None:
-        """Change the refill rate (and the depth that follows from it), keeping the level."""
-        self.refill(now)
-        self.rate_per_second = limit_per_minute / 60.0
-        self.capacity = max(self.rate_per_second * burst_seconds, 1.0)
-        self.level = min(self.level, self.capacity)
-        self.updated_at = max(self.updated_at, now)
-
-    def cap_level(self, most: float) -> None:
-        """Hold no more than ``most`` (it may be below zero: a debt to refill first)."""
-        if not self.unlimited:
-            self.level = min(self.level, most)
-
-    def pause(self, until: float) -> None:
-        """Refill nothing before ``until``."""
-        if not self.unlimited:
-            self.paused_until = max(self.paused_until, until)
-
-    def take(self, amount: float) -> None:
-        """Remove ``amount`` from the bucket; the level may go below zero."""
-        if not self.unlimited:
-            self.level -= amount
-
-    def give_back(self, amount: float) -> None:
-        """Return ``amount`` to the bucket (a refund), never above the capacity."""
-        if not self.unlimited:
-            self.level = min(self.capacity, self.level + amount)
-
-    def empty(self) -> None:
-        """Drop whatever the bucket holds, so it serves only at its refill rate from now on."""
-        if not self.unlimited:
-            self.level = min(self.level, 0.0)
+__all__ = ["Lane", "RateLimiter", "RateLimiterPool", "RequestLane", "RequestNeverFits", "TokenBucket"]
 
 
 @dataclass
@@ -211,8 +93,8 @@ class RateLimiter:
     learn_limits: bool = False
     in_flight: int = field(default=0, init=False)
     tokens_in_flight: float = field(default=0.0, init=False)
-    learned_requests_per_minute: Optional[float] = field(default=None, init=False)
-    learned_tokens_per_minute: Optional[float] = field(default=None, init=False)
+    learned: LearnedLimits = field(default_factory=LearnedLimits, init=False)
+    clock: Optional[Callable[[], float]] = field(default=None, repr=False)
     _requests: Optional[TokenBucket] = field(default=None, init=False, repr=False)
     _tokens: Optional[TokenBucket] = field(default=None, init=False, repr=False)
     _waiters: Deque[_Waiter] = field(default_factory=collections.deque, init=False, repr=False)
@@ -273,12 +155,7 @@ class RateLimiter:
             RequestNeverFits: when ``tokens`` is above the token limit in force.
         """
         self._bind_loop()
-        token_limit = self.token_limit
-        if token_limit is not None and tokens > token_limit:
-            raise RequestNeverFits(
-                f"the request is estimated at {int(tokens):,} tokens, more than "
-                f"the limit of {int(token_limit):,} tokens per minute: it can never be sent"
-            )
+        check_fits(tokens, self.token_limit)
         return not self._waiters and self._try_grant(tokens)
 
     def release(self, tokens: float = 0.0) -> None:
@@ -291,27 +168,21 @@ class RateLimiter:
     @property
     def token_limit(self) -> Optional[float]:
         """The token limit per minute in force: configured, learned from the server, or None."""
-        return _lower(self.max_tokens_per_minute, self.learned_tokens_per_minute)
+        return self.learned.in_force("tokens", self.max_tokens_per_minute)
+
 
     def observe(self, limits: Any) -> None:
         """Follow an answer's ``x-ratelimit-*`` headers (a ``ServerLimits``), or their absence (None)."""
         self._bind_loop()
-        now = self._loop.time()  # type: ignore[union-attr]
-        for scope, bucket, configured in (("requests", self._requests, self.max_requests_per_minute),
-                                          ("tokens", self._tokens, self.max_tokens_per_minute)):
+        now = self._now()
+        configured = {"requests": self.max_requests_per_minute, "tokens": self.max_tokens_per_minute}
+        buckets = {"requests": self._requests, "tokens": self._tokens}
+        for scope in self.learned.learn_from(limits, configured, self.learn_limits):
+            self._set_bucket_rate(buckets[scope], self.learned.in_force(scope, configured[scope]), now)
+        for scope, bucket in buckets.items():
             assert bucket is not None
-            server_limit = getattr(limits, f"limit_{scope}", None)
             remaining = getattr(limits, f"remaining_{scope}", None)
             reset = getattr(limits, f"reset_{scope}_seconds", None)
-            learned = getattr(self, f"learned_{scope}_per_minute")
-            if server_limit and server_limit != learned:
-                setattr(self, f"learned_{scope}_per_minute", server_limit)
-                self._set_bucket_rate(bucket, _lower(configured, server_limit), now)
-            elif server_limit is None and learned is None and configured is None and self.learn_limits:
-                # The server does not state this limit: none if it states the other kind, else the Cookbook's.
-                fallback = limit_when_unsaid(limits, scope)
-                setattr(self, f"learned_{scope}_per_minute", fallback)
-                self._set_bucket_rate(bucket, fallback, now)
             if remaining is not None and not bucket.unlimited:
                 reserved = self.in_flight if scope == "requests" else self.tokens_in_flight
                 bucket.refill(now)
@@ -324,7 +195,7 @@ class RateLimiter:
     def slow_down(self, requests: bool = True, tokens: bool = True) -> None:
         """Empty the buckets after a rate-limit answer, so dispatching goes on only at the refill rate."""
         self._bind_loop()
-        now = self._loop.time()  # type: ignore[union-attr]
+        now = self._now()
         for wanted, bucket in ((requests, self._requests), (tokens, self._tokens)):
             if wanted and bucket is not None:
                 bucket.refill(now)
@@ -343,7 +214,7 @@ class RateLimiter:
         """Bind to the running loop and create the buckets on first use."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-            now = self._loop.time()
+            now = self._now()
             self._requests = self._new_bucket(self.max_requests_per_minute, LEARNING_REQUESTS_PER_MINUTE, now)
             self._tokens = self._new_bucket(self.max_tokens_per_minute, LEARNING_TOKENS_PER_MINUTE, now)
 
@@ -355,9 +226,13 @@ class RateLimiter:
             return bucket
         return TokenBucket.per_minute(self._target(configured), self.burst_seconds, now)
 
-    def _set_bucket_rate(self, bucket: TokenBucket, limit: Optional[float], now: float) -> None:
+    def _now(self) -> float:
+        """The engine's time: the injected clock, else the event loop's."""
+        return self.clock() if self.clock is not None else self._loop.time()  # type: ignore[union-attr]
+
+    def _set_bucket_rate(self, bucket: Optional[TokenBucket], limit: Optional[float], now: float) -> None:
         """Make a bucket follow a (new) per-minute limit."""
-        if limit is not None:
+        if bucket is not None and limit is not None:
             bucket.set_rate(limit * self.target_utilization, self.burst_seconds, now)
 
     def _target(self, limit: Optional[float]) -> Optional[float]:
@@ -369,7 +244,7 @@ class RateLimiter:
         if self.in_flight >= self.max_in_flight:
             return False
         assert self._requests is not None and self._tokens is not None and self._loop is not None
-        now = self._loop.time()
+        now = self._now()
         self._requests.refill(now)
         self._tokens.refill(now)
         if self._requests.seconds_until_available(1, now) > 0 or self._tokens.seconds_until_available(tokens, now) > 0:
@@ -390,7 +265,7 @@ class RateLimiter:
                 continue
             if self.in_flight >= self.max_in_flight:
                 return  # release() wakes the line when a slot frees
-            now = self._loop.time()
+            now = self._now()
             self._requests.refill(now)
             self._tokens.refill(now)
             delay = max(
@@ -418,15 +293,6 @@ class RateLimiter:
         """The buckets should now serve the head of the line."""
         self._timer = None
         self._dispatch()
-
-
-def _lower(first: Optional[float], second: Optional[float]) -> Optional[float]:
-    """The lower of two limits, where None means no limit."""
-    if first is None:
-        return second
-    if second is None:
-        return first
-    return min(first, second)
 
 
 @dataclass
@@ -462,7 +328,7 @@ class RequestLane:
 
     def learned_limit(self, scope: str) -> Optional[float]:
         """The limit the server said for ``scope`` ("requests" or "tokens"), if any."""
-        return getattr(self.buckets, f"learned_{scope}_per_minute")
+        return self.buckets.learned.get(scope)
 
     def release(self, tokens: float = 0.0) -> None:
         """Free the shared slot and the model's in-flight count."""
@@ -485,7 +351,7 @@ class RequestLane:
 class Lane(Protocol):
     """What the shard worker needs of one model's (and endpoint's) way through an engine.
 
-    ``RequestLane`` (this module, in-process) and ``tasks.redis_rate_limiter.RedisLane`` (shared
+    ``RequestLane`` (this module, in-process) and ``tasks.limits.redis_engine.RedisLane`` (shared
     through Redis) both have it.
     """
 
@@ -566,6 +432,15 @@ class RateLimiterPool:
     def lanes(self) -> Dict[Tuple[str, str], Lane]:
         """The lanes made so far."""
         return dict(self._lanes)
+
+    def learned_limit(self, scope: str) -> Optional[float]:
+        """The limit the server said for ``scope``, when every lane heard the same one (the usual single-model run)."""
+        values = {lane.learned_limit(scope) for lane in self._lanes.values()}
+        return values.pop() if len(values) == 1 else None
+
+    def usage_note(self) -> Optional[str]:
+        """A line on how the engine was used, for the log (None: nothing to say)."""
+        return None
 
     async def check(self) -> None:
         """Nothing to check: the engine lives in this process (the Redis engine pings its server here)."""

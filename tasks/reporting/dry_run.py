@@ -29,10 +29,10 @@ from typing import Any, Dict, List, Optional
 import smart_open
 
 # Local application imports
-from tasks.pricing import PriceTable
-from tasks.request_formats import InvalidLine, detect_shape, parse_line
-from tasks.storage import compression_of, is_remote
-from tasks.token_estimation import TokenEstimator, endpoint_of_url
+from tasks.requests.pricing import PriceTable
+from tasks.requests.request_formats import InvalidLine, detect_shape, parse_line
+from tasks.storage.uris import compression_of, is_remote
+from tasks.requests.token_estimation import TokenEstimator, endpoint_of_url
 
 # How many invalid lines are quoted in the report.
 EXAMPLE_LIMIT = 10

@@ -20,7 +20,7 @@ like the hosted API where that matters to a client:
       requests accepted in any slice, bodies received more than once); ``POST /_reset`` clears it.
 
 Usage:
-    python -m tests.openai_test_server --port 8000 --rpm 6000 --tpm 2000000 --fault-rate 0.02
+    python -m tools.openai_test_server --port 8000 --rpm 6000 --tpm 2000000 --fault-rate 0.02
 
     >>> server = start_server_thread(ServerConfig(requests_per_minute=6000))
     >>> server.url            # 'http://127.0.0.1:PORT'
@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from aiohttp import web
 
 # Local application imports
-from tasks.token_estimation import load_encoding
+from tasks.requests.token_estimation import load_encoding
 
 
 @dataclass

@@ -33,16 +33,16 @@ import os
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 # Local application imports
-from tasks.request_formats import ParsedRequest, RequestShape, parse_line
-from tasks.results_storage import (
+from tasks.requests.request_formats import ParsedRequest, RequestShape, parse_line
+from tasks.storage.results_storage import (
     PartWriter,
     iter_part_answers,
     read_part_state,
     reformat_answer,
 )
-from tasks.row_identity import OccurrenceCounter, is_digest
-from tasks.sharding import ShardSpec, iter_shard_lines
-from tasks.work_location import WorkLocation
+from tasks.requests.row_identity import OccurrenceCounter, is_digest
+from tasks.shards.sharding import ShardSpec, iter_shard_lines
+from tasks.job.work_location import WorkLocation
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple
 
 # Local application imports
-from tasks.request_formats import RequestShape, detect_shape
-from tasks.storage import input_size, open_input, open_range
+from tasks.requests.request_formats import RequestShape, detect_shape
+from tasks.storage.uris import input_size, open_input, open_range
 
 # How many bytes of input one shard gets when the count is not given.
 BYTES_PER_SHARD = 8 * 1024 * 1024

@@ -3,12 +3,12 @@
 A job is its output. Its work folder holds:
 
     <work>/work.json                          the manifest: whose folder this is, and what it holds
-    <work>/job.lock                           the lock of the run in progress (``tasks.job_lock``)
+    <work>/job.lock                           the lock of the run in progress (``tasks.job.job_lock``)
     <work>/gen-<id>/shard-00003-of-00016.part each shard's rows, appended as they finish (kept: the paid answers)
-    <work>/gen-<id>/earlier-answers.jsonl     answers of earlier generations, by row identity (``tasks.row_reuse``)
+    <work>/gen-<id>/earlier-answers.jsonl     answers of earlier generations, by row identity (``tasks.storage.row_reuse``)
     <work>/gen-<id>/input.jsonl               the decompressed copy of a compressed input (removed when done)
 
-A generation is the work on one input content (its bytes, ``tasks.storage.input_fingerprint``)
+A generation is the work on one input content (its bytes, ``tasks.storage.uris.input_fingerprint``)
 and one request URL. The same command after a crash, ``kill -9``, a quota stop or Ctrl-C finds
 the current generation and resumes it: each shard skips the rows its part already holds. A
 touched or re-downloaded input with the same bytes is the same generation. When the input changed,
@@ -73,7 +73,7 @@ class JobStart:
     Attributes:
         already_complete: the output is complete for this input and URL; nothing is to be sent.
         resumed: an unfinished generation of the same input is continued.
-        reuse_sources: earlier answers that an edited input may reuse (see ``tasks.row_reuse``).
+        reuse_sources: earlier answers that an edited input may reuse (see ``tasks.storage.row_reuse``).
         needs_reuse_pass: the reuse pass has not yet copied those answers into this generation's parts.
     """
 
@@ -133,7 +133,7 @@ class WorkLocation:
             source: the input's path or URI.
             input_fingerprint: the input's content fingerprint.
             request_url: the request URL.
-            output_size: the output's size now (``tasks.storage.output_size``): None when it is absent. An
+            output_size: the output's size now (``tasks.storage.uris.output_size``): None when it is absent. An
                 output that is not the size this job wrote (deleted, cut short, edited) is rebuilt from
                 the kept answers.
 

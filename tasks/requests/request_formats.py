@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 # Local application imports
-from tasks import fast_json
-from tasks.row_identity import request_digest
+from tasks.requests import fast_json
+from tasks.requests.row_identity import request_digest
 
 # The Cookbook script's default request URL (kept so its command lines work unchanged).
 DEFAULT_REQUEST_URL = "https://api.openai.com/v1/embeddings"
@@ -75,7 +75,7 @@ class ParsedRequest:
         payload: ``body`` serialised, sent as is on every attempt.
         metadata: the cookbook line's metadata (never sent), or None.
         custom_id: the batch line's custom_id, or None.
-        digest: the request's identity digest (``tasks.row_identity``).
+        digest: the request's identity digest (``tasks.requests.row_identity``).
     """
 
     line_index: int

@@ -19,7 +19,7 @@ start-up. A fresh default home is therefore seeded from a copy made for the same
 version: an empty, migrated database with the block types registered, and the memo file that
 records that registration. Prefect's migrate-on-start then finds the database at head, and the
 registration is skipped. ``make install`` prepares the copy
-(``python -m flows.embedded_prefect_api --prepare``); when it is missing, the first run on a
+(``python -m tasks.platform.embedded_prefect_api --prepare``); when it is missing, the first run on a
 new home keeps one.
 
 Usage:

@@ -1,6 +1,6 @@
 """The Redis-backed rate-limit engine: one set of RPM, TPM and in-flight limits shared by many processes.
 
-Without it, each process has its own engine (``tasks.rate_limiter``), and several jobs on one API
+Without it, each process has its own engine (``tasks.limits.rate_limiter``), and several jobs on one API
 key each spend the whole limit. With ``--limiter redis://host:port/db`` (or the flow's ``limiter``
 parameter), every process using the same identity and model shares one pair of buckets and one
 in-flight cap, kept in Redis and changed atomically by one server-side script
@@ -66,7 +66,6 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Deque, List, Optional, Tuple
 from urllib.parse import urlsplit
 
@@ -75,16 +74,13 @@ import redis.asyncio as redis_asyncio
 from redis.exceptions import RedisError
 
 # Local application imports
-from tasks.rate_limiter import (
-    LEARNING_REQUESTS_PER_MINUTE,
-    LEARNING_TOKENS_PER_MINUTE,
-    RateLimiterPool,
-    RequestNeverFits,
-    limit_when_unsaid,
-)
+from tasks.limits.learned_limits import SCOPES, LearnedLimits, check_fits, finite_limit, learning_start, lower_limit
+from tasks.limits.pending_changes import ABSENT, HeaderReport, PendingChanges
+from tasks.limits.rate_limiter import RateLimiterPool
+from tasks.limits.redis_script import EngineScript, LaneKeys, ScriptCall, ScriptReply
+from tasks.limits.reservations import ReservationBook, Waiter
 
 LOGGER = logging.getLogger(__name__)
-ENGINE_SCRIPT = (Path(__file__).with_name("redis_rate_limiter.lua")).read_text(encoding="utf-8")
 # How many waiting requests one call asks for.
 BATCH_SIZE = 64
 # How long 429 slow-downs and header updates wait to ride along with another call.
@@ -131,65 +127,32 @@ def describe_redis_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-@dataclass
-class _Waiter:
-    """One request waiting in a lane's local line.
-
-    Attributes:
-        tokens: its token estimate.
-        future: done when it may go.
-        due: when its reservation is for (the loop's clock), once granted.
-        forfeited: True once it has given up a reservation it reached late.
-    """
-
-    tokens: float
-    future: "asyncio.Future[None]"
-    due: float = 0.0
-    forfeited: bool = False
-
-
-@dataclass
-class _PendingChanges:
-    """What a lane has to tell Redis with its next call."""
-
-    released_requests: int = 0
-    released_tokens: float = 0.0
-    refunded_tokens: float = 0.0
-    slow_requests: bool = False
-    slow_tokens: bool = False
-    headers: Tuple[float, float, float, float, float, float] = (-1, -1, -1, -1, -1, -1)
-
-    @property
-    def empty(self) -> bool:
-        """True when there is nothing to tell."""
-        return not (self.released_requests or self.refunded_tokens or self.slow_requests or self.slow_tokens
-                    or self.headers[1] >= 0 or self.headers[4] >= 0 or self.headers[0] > 0 or self.headers[3] > 0)
-
-
 class RedisLane:
-    """One model's (and endpoint's) shared buckets, seen from this process.
+    """One model's (and endpoint's) shared buckets, seen from this process: its waiting line and dispatcher.
+
+    The line is first in, first out. One dispatcher task per lane sends the head of the line with
+    the pending changes in one script call (``tasks.limits.redis_script``), hands the grants to the
+    reservation book (``tasks.limits.reservations``), and sleeps until the next thing is due: the
+    moment the line can move, a flush of changes, or a heartbeat. It never polls, except every 20 ms
+    while the line waits for an in-flight slot another process holds.
 
     Attributes:
         max_requests_per_minute, max_tokens_per_minute: the configured limits (None: none).
-        learned_requests_per_minute, learned_tokens_per_minute: what the server's headers said
-            (here or in any other process sharing the identity).
-        forfeited: how many reservations this process reached too late and gave up.
+        learned: what the server's headers said (here or in any other process sharing the identity).
     """
 
     def __init__(self, pool: "RedisRateLimiterPool", lane_key: str, max_requests_per_minute: Optional[float],
                  max_tokens_per_minute: Optional[float]) -> None:
         self.pool = pool
-        self.keys = [f"{lane_key}:buckets", f"{lane_key}:flight", pool.key("flight"), pool.key("processes"),
-                     pool.key("lanes")]
+        self.keys = LaneKeys.of(pool.key, lane_key)
         self.max_requests_per_minute = max_requests_per_minute
         self.max_tokens_per_minute = max_tokens_per_minute
-        self.learned_requests_per_minute: Optional[float] = None
-        self.learned_tokens_per_minute: Optional[float] = None
-        self._waiters: Deque[_Waiter] = collections.deque()
+        self.learned = LearnedLimits()
+        self._waiters: Deque[Waiter] = collections.deque()
         # Waiters that gave up a late reservation, back to the head of the line between two calls
         # (during a call, the head of the line is the batch the reply is for).
-        self._given_up: List[_Waiter] = []
-        self._changes = _PendingChanges()
+        self._given_up: List[Waiter] = []
+        self._changes = PendingChanges()
         self._flush_at: Optional[float] = None
         self._retry_at = 0.0
         self._blocked_by_flight = False
@@ -197,20 +160,17 @@ class RedisLane:
         self._last_call = 0.0
         self._failed_calls = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._book: Optional[ReservationBook] = None
         self._wake: Optional["asyncio.Future[None]"] = None
         self._closing = False
         self._dispatcher: Optional["asyncio.Task[None]"] = None
         self._round_trips: Deque[float] = collections.deque(maxlen=16)
-        self._ahead = 0  # reservations granted whose moment has not come yet
-        self._share = 1  # how many of those this process may hold (the script says)
-        self._blocked_by_share = False
-        self.forfeited = 0
 
-    # The lane interface the shard worker uses (tasks.rate_limiter.Lane).
+    # The lane interface the shard worker uses (tasks.limits.rate_limiter.Lane).
 
     def try_take_buckets(self, tokens: float) -> bool:
         """Never serves at once (capacity lives in Redis); raises RequestNeverFits for a request that can never fit."""
-        self._check_fits(tokens)
+        check_fits(tokens, self.token_limit)
         return False
 
     async def take_slot(self) -> None:
@@ -223,66 +183,59 @@ class RedisLane:
             RequestNeverFits: when ``tokens`` is above the per-minute token limit.
             LimiterUnavailable: when Redis cannot be reached.
         """
-        self._check_fits(tokens)
+        check_fits(tokens, self.token_limit)
         self._start()
         assert self._loop is not None
         future: asyncio.Future[None] = self._loop.create_future()
-        self._waiters.append(_Waiter(tokens, future))
+        self._waiters.append(Waiter(tokens, future))
         self._kick()
         await future
 
     def release(self, tokens: float = 0.0) -> None:
         """Give back a request's in-flight slot (told to Redis with the next call)."""
         self._held -= 1
-        self._changes.released_requests += 1
-        self._changes.released_tokens += tokens
+        self._changes.release(tokens)
         if self._blocked_by_flight:
             self._retry_at = 0.0
         many = self._changes.released_requests >= max(1, self.pool.max_in_flight // 10)
         self._changed(FLUSH_SECONDS if many else RELEASE_FLUSH_SECONDS)
 
     def observe(self, limits: Any) -> None:
-        """Follow an answer's ``x-ratelimit-*`` headers (a ``ServerLimits``), or their absence (None)."""
-        learned_before = (self.learned_requests_per_minute, self.learned_tokens_per_minute)
-        values: List[float] = []
-        for scope in ("requests", "tokens"):
-            limit = getattr(limits, f"limit_{scope}", None)
-            remaining = getattr(limits, f"remaining_{scope}", None)
-            reset = getattr(limits, f"reset_{scope}_seconds", None)
-            if limit:
-                setattr(self, f"learned_{scope}_per_minute", float(limit))
-            elif (getattr(self, f"learned_{scope}_per_minute") is None and self.pool.learn_limits
-                  and getattr(self, f"max_{scope}_per_minute") is None):
-                setattr(self, f"learned_{scope}_per_minute", limit_when_unsaid(limits, scope))
-            values += [float(limit) if limit else -1.0, float(remaining) if remaining is not None else -1.0,
-                       float(reset) if reset else -1.0]
-        if (self.learned_requests_per_minute, self.learned_tokens_per_minute) != learned_before:
-            # A wait reckoned at the cautious learning rate is too long now: ask again with the next call.
-            self._retry_at, self._blocked_by_flight, self._blocked_by_share = 0.0, False, False
-        if any(value >= 0 for value in values):
-            self._changes.headers = tuple(values)  # type: ignore[assignment]
+        """Follow an answer's headers (a ``ServerLimits``), or their absence (None)."""
+        configured = {"requests": self.max_requests_per_minute, "tokens": self.max_tokens_per_minute}
+        if self.learned.learn_from(limits, configured, self.pool.learn_limits):
+            self._ask_again_now()  # a wait reckoned at the cautious learning rate is too long now
+        reports = [HeaderReport(*(_absent_if_none(getattr(limits, f"{name}_{scope}", None)) for name in
+                                  ("limit", "remaining", "reset"))) for scope in SCOPES] if limits else []
+        if any(report.says_anything for report in reports):
+            self._changes.headers(*reports)
             self._changed()
 
     def slow_down(self, requests: bool = True, tokens: bool = True) -> None:
         """Empty the shared buckets after a 429 (every process slows down)."""
-        self._changes.slow_requests |= requests
-        self._changes.slow_tokens |= tokens
+        self._changes.slow(requests, tokens)
         self._changed()
 
     def refund_tokens(self, tokens: float) -> None:
         """Give the shared token bucket back what a request reserved but did not use."""
         if tokens > 0:
-            self._changes.refunded_tokens += tokens
+            self._changes.refund(tokens)
             self._changed(RELEASE_FLUSH_SECONDS)
 
     def learned_limit(self, scope: str) -> Optional[float]:
         """The limit the server said for ``scope`` ("requests" or "tokens"), if any."""
-        return getattr(self, f"learned_{scope}_per_minute")
+        return self.learned.get(scope)
+
+
+    @property
+    def forfeited(self) -> int:
+        """How many reservations this process reached too late and gave up."""
+        return self._book.forfeited if self._book else 0
 
     @property
     def token_limit(self) -> Optional[float]:
         """The token limit per minute in force, or None."""
-        return _lower(_finite(self.max_tokens_per_minute), self.learned_tokens_per_minute)
+        return lower_limit(finite_limit(self.max_tokens_per_minute), self.learned.tokens)
 
     async def aclose(self) -> None:
         """Tell Redis what is still pending and stop the dispatcher."""
@@ -301,20 +254,14 @@ class RedisLane:
                 LOGGER.warning("could not tell the limiter %s about the last releases: %s",
                                describe_redis_url(self.pool.url), error)
 
-    # Helpers
-
-    def _check_fits(self, tokens: float) -> None:
-        limit = self.token_limit
-        if limit is not None and tokens > limit:
-            raise RequestNeverFits(
-                f"the request is estimated at {int(tokens):,} tokens, more than "
-                f"the limit of {int(limit):,} tokens per minute: it can never be sent"
-            )
+    # The dispatcher
 
     def _start(self) -> None:
         """Bind to the running loop and start the dispatcher on first use."""
         if self._dispatcher is None:
             self._loop = asyncio.get_running_loop()
+            self._book = ReservationBook(self._loop, self.pool.late_seconds, self.release, self._given_up.append,
+                                         self._ask_again_now)
             self._dispatcher = self._loop.create_task(self._dispatch_forever())
             self._dispatcher.add_done_callback(self._on_dispatcher_done)
 
@@ -329,6 +276,13 @@ class RedisLane:
             due = self._loop.time() + within
             if self._flush_at is None or due < self._flush_at:
                 self._flush_at = due
+        self._kick()
+
+    def _ask_again_now(self) -> None:
+        """Ask Redis again with the next turn of the dispatcher, whatever the line waited for."""
+        self._retry_at, self._blocked_by_flight = 0.0, False
+        if self._book is not None:
+            self._book.clear_block()
         self._kick()
 
     def _kick(self) -> None:
@@ -349,19 +303,15 @@ class RedisLane:
                 timer.cancel()
 
     def _rate_argument(self, scope: str) -> Tuple[float, bool]:
-        """The per-minute rate the shared bucket refills at (-1: unlimited), and whether it is still learning."""
+        """The per-minute rate the shared bucket refills at (ABSENT: unlimited), and whether it is still learning."""
         configured = getattr(self, f"max_{scope}_per_minute")
-        learned = getattr(self, f"learned_{scope}_per_minute")
         if configured is not None and math.isinf(configured):
-            return -1.0, False
-        limit = _lower(configured, learned)
+            return ABSENT, False
+        limit = self.learned.in_force(scope, configured)
         if limit is not None and math.isinf(limit):
-            return -1.0, False
+            return ABSENT, False
         if limit is None:
-            if not self.pool.learn_limits:
-                return -1.0, False
-            start = LEARNING_REQUESTS_PER_MINUTE if scope == "requests" else LEARNING_TOKENS_PER_MINUTE
-            return start, True
+            return (learning_start(scope), True) if self.pool.learn_limits else (ABSENT, False)
         return limit * self.pool.target_utilization, False
 
     async def _dispatch_forever(self) -> None:
@@ -384,7 +334,7 @@ class RedisLane:
             if not deadlines or min(deadlines) > now:
                 await self._sleep(min(deadlines) - now if deadlines else None)
                 continue
-            batch = [waiter for waiter in list(self._waiters)[:BATCH_SIZE]] if now >= self._retry_at else []
+            batch = list(self._waiters)[:BATCH_SIZE] if now >= self._retry_at else []
             try:
                 reply = await self._call([waiter.tokens for waiter in batch])
             except (RedisError, OSError) as error:
@@ -402,113 +352,68 @@ class RedisLane:
             self._failed_calls = 0
             self._apply(reply, batch)
 
-    async def _call(self, tokens: List[float]) -> List[str]:
+    async def _call(self, tokens: List[float]) -> ScriptReply:
         """One script call: the pending changes, and grants for ``tokens`` (the head of the line)."""
-        changes, self._changes, self._flush_at = self._changes, _PendingChanges(), None
+        changes, self._changes, self._flush_at = self._changes, PendingChanges(), None
         requests_rate, requests_learning = self._rate_argument("requests")
         tokens_rate, tokens_learning = self._rate_argument("tokens")
-        start_full = ("r" if requests_learning else "") + ("t" if tokens_learning else "")
-        arguments = [
-            self.pool.process_name, self.pool.lease_seconds, self.pool.max_in_flight, requests_rate, tokens_rate,
-            self.pool.depth_seconds, self.pool.horizon_seconds, start_full or "-",
-            changes.released_requests, changes.released_tokens, changes.refunded_tokens,
-            int(changes.slow_requests), int(changes.slow_tokens), *changes.headers, self._ahead, *tokens,
-        ]
+        call = ScriptCall(
+            process=self.pool.process_name, lease_seconds=self.pool.lease_seconds,
+            max_in_flight=self.pool.max_in_flight, requests_rate=requests_rate, tokens_rate=tokens_rate,
+            depth_seconds=self.pool.depth_seconds, horizon_seconds=float(self.pool.horizon_seconds or 0.0),
+            start_full_requests=requests_learning, start_full_tokens=tokens_learning, changes=changes,
+            reservations_ahead=self._book.ahead if self._book else 0,
+            waiting_tokens=tokens,
+        )
         if self._loop is not None:
             self._last_call = self._loop.time()
         try:
-            reply = await self.pool.run_script(self.keys, arguments)
+            reply = await self.pool.run_script(self.keys, call)
         except BaseException:
-            self._restore(changes)
+            self._changes.restore(changes)
+            self._changed()
             raise
         if self._loop is not None:
             self._round_trips.append(self._loop.time() - self._last_call)
         return reply
 
-    def _restore(self, changes: _PendingChanges) -> None:
-        """Keep changes a failed call could not deliver, for the next one."""
-        self._changes.released_requests += changes.released_requests
-        self._changes.released_tokens += changes.released_tokens
-        self._changes.refunded_tokens += changes.refunded_tokens
-        self._changes.slow_requests |= changes.slow_requests
-        self._changes.slow_tokens |= changes.slow_tokens
-        if self._changes.headers[1] < 0 and self._changes.headers[4] < 0:
-            self._changes.headers = changes.headers
-        self._changed()
-
-    def _apply(self, reply: List[str], batch: List[_Waiter]) -> None:
-        """Hand out the grants of a reply, and note when to ask again."""
-        assert self._loop is not None
-        granted, wait, blocked = int(reply[0]), float(reply[1]), reply[2]
-        learned_before = (self.learned_requests_per_minute, self.learned_tokens_per_minute)
-        for scope, value in (("requests", float(reply[3])), ("tokens", float(reply[4]))):
+    def _apply(self, reply: ScriptReply, batch: List[Waiter]) -> None:
+        """Hand the grants of a reply to the reservation book, and note when to ask again."""
+        assert self._loop is not None and self._book is not None
+        learned_changed = False
+        for scope, value in (("requests", reply.learned_requests), ("tokens", reply.learned_tokens)):
             if value > 0:
-                setattr(self, f"learned_{scope}_per_minute", value)
-        learned_changed = (self.learned_requests_per_minute, self.learned_tokens_per_minute) != learned_before
+                learned_changed |= self.learned.set(scope, value)
         now = self._loop.time()
         if not batch:
             # A call that only told Redis what changed: the line's state stays, unless the limits changed.
             if learned_changed:
-                self._retry_at, self._blocked_by_flight, self._blocked_by_share = now, False, False
+                self._retry_at, self._blocked_by_flight = now, False
+                self._book.clear_block()
             return
+        blocked, wait = reply.blocked, reply.wait_seconds
         if learned_changed and blocked == "rate":
             # The wait was reckoned at this process's cautious learning rate; ask again at the real one.
             blocked, wait = "", 0.0
-        self.pool.granted += granted
+        self.pool.granted += reply.granted
         # Reservations count from the earliest moment this reply could have been read: the call's
         # start plus the quickest recent round trip. A reply read later, after a stalled loop, then
         # shows its reservations as late instead of shifting them all later together.
         base = min(now, self._last_call + min(self._round_trips, default=0.0))
-        self._share = int(reply[5])
-        for waiter, delay in zip(batch[:granted], reply[6:6 + granted]):
+        for waiter, delay in zip(batch[:reply.granted], reply.delays):
             self._waiters.popleft()
             self._held += 1
-            waiter.due = base + float(delay)
-            if waiter.due <= now + 0.0005:
-                self._grant(waiter)
-            else:
-                self._ahead += 1
-                self._loop.call_at(waiter.due, self._on_due, waiter)
+            self._book.schedule(waiter, base + delay)
         self._blocked_by_flight = blocked == "flight"
-        self._blocked_by_share = blocked == "share" and self._ahead > self._share // 2
+        blocked_by_share = self._book.note_share(reply.share, blocked == "share")
         if blocked == "rate":
             self._retry_at = now + wait + 0.001
         elif blocked == "flight":
             self._retry_at = now + IN_FLIGHT_RETRY_SECONDS
-        elif self._blocked_by_share:
-            self._retry_at = math.inf  # until half of what it holds has gone (_on_due)
+        elif blocked_by_share:
+            self._retry_at = math.inf  # until half of what it holds has gone (the book asks again)
         else:
             self._retry_at = now
-
-    def _on_due(self, waiter: _Waiter) -> None:
-        """A reservation's moment has come: let its waiter go, and ask for more once half the share has gone."""
-        self._ahead -= 1
-        self._grant(waiter)
-        if self._blocked_by_share and self._ahead <= self._share // 2:
-            self._blocked_by_share = False
-            self._retry_at = 0.0
-            self._kick()
-
-    def _grant(self, waiter: _Waiter) -> None:
-        """Let a waiter go at its reservation's moment.
-
-        A cancelled waiter gives the slot back. A reservation this process reaches more than
-        ``late_seconds`` after its moment (its loop was stalled) is given up once: the slot goes
-        back, the request goes back to the head of the line for a new reservation, and the capacity
-        of the moment that passed is not spent twice. Sent anyway, the late ones of a stall would
-        all go together, on top of the reservations of the moment they land in.
-        """
-        assert self._loop is not None
-        if waiter.future.done():
-            self.release(waiter.tokens)
-        elif self._loop.time() - waiter.due > self.pool.late_seconds and not waiter.forfeited:
-            waiter.forfeited = True
-            self.forfeited += 1
-            self.release(waiter.tokens)
-            self._given_up.append(waiter)
-            self._kick()
-        else:
-            waiter.future.set_result(None)
 
     def _fail_waiters(self, error: BaseException) -> None:
         """Fail every waiting request: the limiter cannot be reached."""
@@ -543,11 +448,10 @@ class RedisRateLimiterPool(RateLimiterPool):
     lease_seconds: float = 10.0
     horizon_seconds: Optional[float] = None
     late_seconds: float = LATE_SECONDS
-    calls: int = field(default=0, init=False)
     granted: int = field(default=0, init=False)
     process_name: str = field(default="", init=False)
     _client: Any = field(default=None, init=False, repr=False)
-    _script: Any = field(default=None, init=False, repr=False)
+    _script: Optional[EngineScript] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the same checks, and messages, as the in-process engine
@@ -600,11 +504,23 @@ class RedisRateLimiterPool(RateLimiterPool):
             raise LimiterUnavailable(f"the rate limiter {describe_redis_url(self.url)} cannot be reached: "
                                      f"{type(error).__name__}: {error}") from None
 
-    async def run_script(self, keys: List[str], arguments: List[Any]) -> List[str]:
+    async def run_script(self, keys: LaneKeys, call: ScriptCall) -> ScriptReply:
         """Run the engine's script once (one round trip)."""
         self._connection()
-        self.calls += 1
-        return await self._script(keys=keys, args=arguments)
+        assert self._script is not None
+        return await self._script.run(keys, call)
+
+    @property
+    def calls(self) -> int:
+        """Script calls so far."""
+        return self._script.calls if self._script is not None else 0
+
+    def usage_note(self) -> Optional[str]:
+        """How the shared limiter was used, for the log."""
+        if not self.granted:
+            return None
+        return (f"Shared limiter {describe_redis_url(self.url)} ({self.identity}): {self.calls} script calls for "
+                f"{self.granted} grants, {self.round_trips_per_request:.3f} round trips per request")
 
     async def aclose(self) -> None:
         """Tell Redis the last releases, stop the dispatchers and close the connection."""
@@ -617,7 +533,7 @@ class RedisRateLimiterPool(RateLimiterPool):
     def _connection(self) -> Any:
         if self._client is None:
             self._client = redis_client(self.url)
-            self._script = self._client.register_script(ENGINE_SCRIPT)
+            self._script = EngineScript(self._client)
         return self._client
 
 
@@ -629,12 +545,22 @@ def redis_client(url: str) -> redis_asyncio.Redis:
                                         **options)
 
 
-def _lower(first: Optional[float], second: Optional[float]) -> Optional[float]:
-    """The lower of two limits, where None means no limit."""
-    known = [value for value in (first, second) if value is not None]
-    return min(known) if known else None
+def _absent_if_none(value: Optional[float]) -> float:
+    """A header value for the script: ABSENT when the server did not send it (or sent 0 for a reset)."""
+    return float(value) if value is not None else ABSENT
 
 
-def _finite(limit: Optional[float]) -> Optional[float]:
-    """None for no limit (math.inf), else the limit."""
-    return None if limit is None or math.isinf(limit) else limit
+async def check_limiter(url: str) -> None:
+    """Connect to the shared limiter and ping it, so a wrong URL fails at start with a clear message.
+
+    Raises:
+        LimiterUnavailable: when Redis does not answer.
+    """
+    client = redis_client(url)
+    try:
+        await client.ping()
+    except (RedisError, OSError) as error:
+        raise LimiterUnavailable(f"the rate limiter {describe_redis_url(url)} cannot be reached: "
+                                 f"{type(error).__name__}: {error}") from None
+    finally:
+        await client.aclose()

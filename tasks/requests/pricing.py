@@ -85,3 +85,8 @@ class PriceTable:
         if price is None:
             return None
         return (input_tokens * price[0] + output_tokens * price[1]) / 1_000_000
+
+
+def format_usd(amount: float) -> str:
+    """US dollars with the digits that matter: $0.002, $0.50, $1,234.50."""
+    return f"${amount:,.2f}" if amount >= 1 or round(amount, 2) == amount else f"${amount:,.6g}"

@@ -2,7 +2,7 @@
 
 While a shard runs, records are appended to the shard's part file, unbuffered, in the order
 they happen, each tagged with the row's index inside the shard and its identity digest
-(``tasks.row_identity``):
+(``tasks.requests.row_identity``):
 
     <line_index> TAB s TAB <digest> TAB                    the request is about to be sent
     <line_index> TAB r TAB <digest> TAB <output line>      a request's final result (the server answered)
@@ -28,7 +28,7 @@ temporary file that is fsynced and renamed over the output, or a multipart uploa
 on success. Nothing is renamed when the count is wrong. This is also where invalid lines get their
 message with the file's line number, which is known only once the shards before have been counted.
 The parts stay in the work folder after the output is written: they are the paid answers that an
-edited input reuses (``tasks.row_reuse``), whatever happens to the output.
+edited input reuses (``tasks.storage.row_reuse``), whatever happens to the output.
 
 Usage:
     >>> with PartWriter(work.part_path(0, 1)) as part:
@@ -46,11 +46,11 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 # Local application imports
-from tasks import fast_json
-from tasks.crash_points import kill_point
-from tasks.request_formats import InvalidLine, ParsedRequest, RequestShape, format_invalid_line, format_result
-from tasks.row_identity import NO_DIGEST, is_digest
-from tasks.storage import open_atomic_output, open_output_for_reading
+from tasks.requests import fast_json
+from tasks.job.crash_points import kill_point
+from tasks.requests.request_formats import InvalidLine, ParsedRequest, RequestShape, format_invalid_line, format_result
+from tasks.requests.row_identity import NO_DIGEST, is_digest
+from tasks.storage.uris import open_atomic_output, open_output_for_reading
 
 # How many example messages of invalid lines the assembly keeps for the summary.
 EXAMPLE_LIMIT = 5

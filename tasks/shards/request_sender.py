@@ -1,0 +1,186 @@
+"""Sending one request until it is settled: the retry loop, on a capacity the engine granted.
+
+For one request whose first capacity is granted, ``RequestSender.send`` tries it until it
+succeeds, fails for good, or the run stops:
+    - success: its usage is counted (tokens, cost), the unused part of its token estimate goes
+      back to the engine, and the answer is written;
+    - 429: the engine slows down, the request waits for the server's hint (or backs off) and asks
+      for capacity again, up to ``MAX_RATE_LIMIT_WAITS`` times;
+    - 400/404/422 (INVALID): written at once as that row's error;
+    - 5xx, 408/409, resets and timeouts: retried with exponential backoff and jitter, up to
+      ``max_attempts``;
+    - ``insufficient_quota``, 401/403 (STOP): the whole run stops sending.
+Whatever happens, the budget is settled with this request's own cost.
+
+Usage:
+    >>> sender = RequestSender(context, tracker, recorder, logger, shard_label)
+    >>> await sender.send(request, lane, tokens, line_bytes, reserved_usd)
+"""
+
+# Standard library imports
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Optional
+
+# Local application imports
+from tasks.api.api_client import ApiResult, Outcome, backoff_seconds
+from tasks.limits.rate_limiter import Lane
+from tasks.limits.redis_engine import LimiterUnavailable
+from tasks.reporting.metrics import StatusTracker
+from tasks.requests.request_formats import ParsedRequest
+from tasks.shards.row_results import ResultRecorder, RowResult
+from tasks.shards.run_state import RunContext
+
+# How many 429 answers one request may wait out before it is failed.
+MAX_RATE_LIMIT_WAITS = 50
+
+
+@dataclass(frozen=True)
+class Usage:
+    """The tokens an answer says it used (0 where it does not say).
+
+    Attributes:
+        prompt_tokens, completion_tokens: as reported.
+        total_tokens: as reported, else their sum.
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, body: Any) -> Optional["Usage"]:
+        """The usage of an answer's body, or None when it reports none."""
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if not isinstance(usage, dict):
+            return None
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        prompt = prompt if isinstance(prompt, int) else 0
+        completion = completion if isinstance(completion, int) else 0
+        total = usage.get("total_tokens")
+        return cls(prompt, completion, total if isinstance(total, int) else prompt + completion)
+
+
+class RequestSender:
+    """The retry loop of a shard's requests."""
+
+    def __init__(self, context: RunContext, tracker: StatusTracker, recorder: ResultRecorder, logger: Any,
+                 label: str) -> None:
+        self.context = context
+        self.tracker = tracker
+        self.recorder = recorder
+        self.logger = logger
+        self.label = label
+
+    async def send(self, request: ParsedRequest, lane: Lane, tokens: int, line_bytes: int,
+                   reserved_usd: float) -> None:
+        """Send a request whose first capacity is granted until it is settled; settle its budget."""
+        spent = 0.0
+        try:
+            if self.context.stop.stopped:  # stopped while it waited for its slot
+                lane.release(tokens)
+                self.tracker.not_sent += 1
+                return
+            self.recorder.sent(request)
+            spent = await self._attempts(request, lane, tokens, line_bytes)
+        except Exception as error:  # a bug must cost one row, never the shard
+            self.logger.exception("%s line +%d: unexpected error", self.label, request.line_index)
+            self.tracker.failed_after_retries += 1
+            self.recorder.record(request, line_bytes, RowResult.internal_error(error, sent=True))
+        finally:
+            self.context.budget.settle(reserved_usd, spent)  # its own cost, whatever else finished meanwhile
+
+    async def _attempts(self, request: ParsedRequest, lane: Lane, tokens: int, line_bytes: int) -> float:
+        """Try the request until it is settled; return what its answer cost."""
+        context, tracker = self.context, self.tracker
+        errors = []
+        failed_attempts = rate_limit_waits = 0
+        holds_capacity = True
+        while True:
+            if not holds_capacity and not await self._capacity_again(lane, tokens):
+                tracker.not_sent += 1
+                return 0.0
+            tracker.note_request_sent()
+            try:
+                result = await context.client.send(request.method, request.url, request.payload)
+            finally:
+                lane.release(tokens)
+                holds_capacity = False
+            tracker.note_response()
+            if result.status is not None:
+                lane.observe(result.limits)  # follow the server's x-ratelimit-* headers
+            if result.outcome is Outcome.SUCCESS:
+                return self._succeeded(request, lane, tokens, line_bytes, result)
+            errors.append(result.error or "unknown error")
+            context.errors.note(result.error or "unknown error")
+            if result.outcome is Outcome.STOP:
+                context.stop.stop(result.error or "stopped")
+                self.logger.error("Stopping the run: %s (%s line +%d)", result.error, self.label, request.line_index)
+                tracker.not_sent += 1
+                return 0.0
+            wait = None
+            if result.outcome is Outcome.RATE_LIMITED:
+                tracker.rate_limited += 1
+                rate_limit_waits += 1
+                scope = result.rate_limit_scope
+                lane.slow_down(requests=scope != "tokens", tokens=scope != "requests")
+                if rate_limit_waits <= MAX_RATE_LIMIT_WAITS:
+                    wait = result.retry_after if result.retry_after is not None else backoff_seconds(rate_limit_waits, 1.0)
+                    tracker.note_retry("rate_limited")
+            elif result.outcome is Outcome.INVALID:
+                tracker.failed_invalid_request += 1
+                return self._failed(request, line_bytes, result, errors)
+            else:
+                failed_attempts += 1
+                if failed_attempts < context.settings.max_attempts:
+                    wait = max(result.retry_after or 0.0,
+                               backoff_seconds(failed_attempts, context.settings.retry_base_seconds))
+                    tracker.note_retry(result.cause or "error")
+            if wait is None:
+                tracker.failed_after_retries += 1
+                return self._failed(request, line_bytes, result, errors)
+            self.logger.debug("%s line +%d: %s, trying again in %.2f s", self.label, request.line_index, result.error,
+                              wait)
+            await asyncio.sleep(wait)
+
+    async def _capacity_again(self, lane: Lane, tokens: int) -> bool:
+        """Wait for capacity for another attempt; False when the run stopped (nothing is held then)."""
+        if self.context.stop.stopped:
+            return False
+        try:
+            await lane.acquire(tokens)
+        except LimiterUnavailable as error:
+            self.context.stop.stop(str(error))
+            return False
+        if self.context.stop.stopped:
+            lane.release(tokens)
+            return False
+        return True
+
+    def _succeeded(self, request: ParsedRequest, lane: Lane, tokens: int, line_bytes: int, result: ApiResult) -> float:
+        """Count a success's usage, refund what its estimate over-reserved, write it; return its cost."""
+        self.tracker.succeeded += 1
+        usage = Usage.of(result.body)
+        cost = 0.0
+        if usage is not None:
+            if tokens > usage.total_tokens:
+                lane.refund_tokens(tokens - usage.total_tokens)  # the estimate reserved more than the answer used
+            self.tracker.prompt_tokens_used += usage.prompt_tokens
+            self.tracker.completion_tokens_used += usage.completion_tokens
+            prices = self.context.budget.prices
+            priced = prices.cost(request.model, usage.prompt_tokens, usage.completion_tokens) if prices else None
+            if priced is None:
+                self.tracker.unpriced_requests += 1
+            else:
+                self.tracker.cost_usd += priced
+                cost = priced
+        self.recorder.record(request, line_bytes, RowResult.answer(result))
+        return cost
+
+    def _failed(self, request: ParsedRequest, line_bytes: int, result: ApiResult, errors: list) -> float:
+        """Write a request's final failure and warn about it."""
+        self.logger.warning("%s line +%d failed after %d attempt(s): %s (request id %s)", self.label,
+                            request.line_index, len(errors), result.error, result.request_id or "-")
+        self.recorder.record(request, line_bytes, RowResult.answer(result, errors))
+        return 0.0

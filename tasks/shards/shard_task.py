@@ -1,0 +1,233 @@
+"""The Prefect task that processes one shard: read its byte range, start each row, wait for all of them.
+
+Every shard task of a run awaits on the flow's event loop and shares one ``RunContext``
+(``tasks.shards.run_state``): the rate-limit engine, the API client with its aiohttp session, the
+token estimator, the budget, the progress counter and the stop signal.
+
+For each line of its range, the task:
+    1. skips blank lines, and rows an earlier run finished for this very request (the part's
+       record carries the row's digest); records an invalid line as that row's error (a warning
+       names the file, shard, line and byte offset);
+    2. estimates the request's tokens and reserves its most possible cost against the budget;
+    3. takes its model's bucket capacity at once when it can and waits for a shared in-flight slot;
+       otherwise starts a task for it (at most 2,000 waiting across the run) that waits in its
+       model's lane, so a slow model never holds up a fast one. Each granted request is sent in
+       its own asyncio task (``tasks.shards.request_sender``), so requests overlap up to the
+       engine's in-flight cap.
+
+Each row's final result is appended to the shard's part file as soon as it is known
+(``tasks.shards.row_results``). When it has read every line, the shard writes an end record
+(lines and rows), which the assembly checks the output against. A shard that finished every row
+returns its ``StatusTracker``; one cut short by a stop returns a Failed state carrying it, and the
+next run continues from its part file.
+
+One row never costs the shard: a row with fields of the wrong type is that row's error record, a
+row whose model has no price under a budget is that row's error, and anything unexpected while a
+row is prepared or sent becomes that row's internal error.
+
+Usage (inside an async flow, with every shard awaited together):
+    >>> states = await asyncio.gather(*(process_shard(shard, part_path(shard), work_id, quote(context),
+    ...                                               return_state=True) for shard in shards))
+"""
+
+# Standard library imports
+import asyncio
+import os
+import time
+from typing import Any, Dict, Set, Tuple
+
+# Third-party imports
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run as current_task_run
+from prefect.states import Failed
+
+# Local application imports
+from tasks.limits.learned_limits import RequestNeverFits
+from tasks.limits.rate_limiter import Lane
+from tasks.limits.redis_engine import LimiterUnavailable
+from tasks.reporting.metrics import StatusTracker
+from tasks.requests.request_formats import InvalidLine, ParsedRequest, parse_line
+from tasks.requests.row_identity import NO_DIGEST
+from tasks.requests.token_estimation import endpoint_of_url
+from tasks.shards.request_sender import RequestSender
+from tasks.shards.row_results import ResultRecorder, RowResult
+from tasks.shards.run_state import RunContext, Unpriceable
+from tasks.shards.sharding import ShardSpec, iter_shard_lines
+from tasks.storage.results_storage import PartWriter, read_part_state
+
+# How many lines a shard reads before it lets the event loop run other work.
+YIELD_EVERY_LINES = 32
+
+
+@task(
+    name="process-shard",
+    tags=["parallel-requests"],
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    task_run_name=lambda: _shard_run_name(),
+)
+async def process_shard(shard: ShardSpec, part_path: str, work_id: str, context: RunContext) -> Any:
+    """Send every request of one shard and write each row's result to the shard's part file.
+
+    Args:
+        shard: the byte range to process.
+        part_path: the part file to append results to (rows already in it are skipped).
+        work_id: the job's generation id (names the run's work; kept for the task's parameters).
+        context: the run's shared engine, client, budget and counters (pass it wrapped in ``quote()``).
+
+    Returns:
+        The shard's StatusTracker when every row is done; otherwise a Failed state carrying it.
+    """
+    logger = get_run_logger()
+    earlier = read_part_state(part_path)
+    tracker = StatusTracker(shard=shard.index, resent_requests=earlier.sent_unfinished)
+    started = time.monotonic()
+    if earlier.done or earlier.sent_unfinished:
+        logger.info("Resuming %s of %s: %d rows already done, %d requests to send again", shard.label,
+                    os.path.basename(shard.source), len(earlier.done), earlier.sent_unfinished)
+    else:
+        logger.info("Starting %s of %s", shard.label, os.path.basename(shard.source))
+    with PartWriter(part_path) as part:
+        recorder = ResultRecorder(part, context.settings.shape, context.progress, context.errors, logger, shard)
+        sender = RequestSender(context, tracker, recorder, logger, shard.label)
+        await ShardReader(shard, context, sender, earlier.done).run()
+    tracker.wall_seconds = time.monotonic() - started
+    logger.info(
+        "Finished %s: %d rows (%d resumed), %d succeeded, %d failed, %d not sent, %d requests, %d retries, "
+        "%d answered 429", shard.label, tracker.rows, tracker.resumed_rows, tracker.succeeded, tracker.failed,
+        tracker.not_sent, tracker.requests_sent, tracker.retries, tracker.rate_limited,
+    )
+    if tracker.not_sent:
+        return Failed(message=f"{shard.label}: {tracker.not_sent} rows not sent", data=tracker)
+    return tracker
+
+
+class ShardReader:
+    """Reads a shard's lines and starts each row: estimate, budget, capacity, then its sender."""
+
+    def __init__(self, shard: ShardSpec, context: RunContext, sender: RequestSender, done: Dict[int, str]) -> None:
+        """
+        Args:
+            shard: the byte range to read.
+            context: the run's shared objects.
+            sender: sends each started row until it is settled (it holds the shard's tracker and recorder).
+            done: the rows an earlier run finished: line index to the digest of the request it answered.
+        """
+        self.shard, self.context, self.sender, self.done = shard, context, sender, done
+        self.tracker: StatusTracker = sender.tracker
+        self.recorder: ResultRecorder = sender.recorder
+        self._running: Set["asyncio.Task[None]"] = set()
+
+    async def run(self) -> None:
+        """Read the shard's lines and start them; return when every row is settled."""
+        settings, tracker = self.context.settings, self.tracker
+        for line_index, offset, raw in iter_shard_lines(self.shard, self.context.transport_params):
+            tracker.lines_read += 1
+            if tracker.lines_read % YIELD_EVERY_LINES == 0:
+                # Reading and estimating never wait, so let the engine's timers and the answers run.
+                await asyncio.sleep(0)
+            if not raw.strip():
+                tracker.blank_lines += 1
+                self.recorder.skipped(len(raw))
+                continue
+            tracker.rows += 1
+            parsed = parse_line(raw, settings.shape, settings.request_url, line_index)
+            if self.done.get(line_index) == (NO_DIGEST if isinstance(parsed, InvalidLine) else parsed.digest):
+                # Done by an earlier run, for this very request (a record written for other content is not).
+                tracker.resumed_rows += 1
+                self.recorder.skipped(len(raw))
+                continue
+            if self.context.stop.end_reason is not None:
+                tracker.not_sent += 1
+                continue
+            if isinstance(parsed, InvalidLine):
+                tracker.invalid_lines += 1
+                self.recorder.invalid_line(parsed, offset, len(raw))
+                continue
+            try:
+                await self._start_row(parsed, len(raw))
+            except Exception as error:  # a bug must cost one row, never the shard
+                self.sender.logger.exception("%s line +%d: unexpected error", self.shard.label, line_index)
+                tracker.failed_after_retries += 1
+                self.recorder.record(parsed, len(raw), RowResult.internal_error(error, sent=False))
+        if self._running:
+            await asyncio.gather(*list(self._running))
+        self.recorder.end(tracker.lines_read, tracker.rows)
+
+    async def _start_row(self, request: ParsedRequest, line_bytes: int) -> None:
+        """Estimate, budget and queue one valid row (its send runs in a task of its own)."""
+        prompt_tokens, completion_tokens = self._estimate(request)
+        tokens = prompt_tokens + completion_tokens
+        budget = self.context.budget
+        try:
+            reserved_usd = budget.reserve(request.model, prompt_tokens, completion_tokens)
+        except Unpriceable as error:  # that row's error; the rest keep to the budget
+            self.tracker.failed_unpriced += 1
+            self.recorder.record(request, line_bytes, RowResult.local_error("unpriced_model", str(error)))
+            return
+        if reserved_usd is None:  # the budget cannot cover this request: read no more rows
+            self.context.stop.close_dispatch(budget.reached)
+            self.tracker.not_sent += 1
+            return
+        lane = self.context.limiter.lane_for(request.model, endpoint_of_url(request.url))
+        try:
+            ready = lane.try_take_buckets(tokens)
+        except RequestNeverFits as error:
+            self._too_large(request, line_bytes, reserved_usd, error)
+            return
+        if ready:
+            # Its model's buckets serve it now: wait here for a shared in-flight slot, then send.
+            await lane.take_slot()
+            job = asyncio.create_task(self.sender.send(request, lane, tokens, line_bytes, reserved_usd))
+        else:
+            # It waits in its own model's lane, so a slow model never holds up a fast one;
+            # the window bounds how many wait at once (and so the memory they take).
+            await self.context.pending_window.acquire()
+            job = asyncio.create_task(self._wait_then_send(request, lane, tokens, line_bytes, reserved_usd))
+        self._running.add(job)
+        job.add_done_callback(self._running.discard)
+
+    async def _wait_then_send(self, request: ParsedRequest, lane: Lane, tokens: int, line_bytes: int,
+                              reserved_usd: float) -> None:
+        """Wait in the request's lane of the engine, then send it until it is settled."""
+        try:
+            try:
+                await lane.acquire(tokens)
+            except LimiterUnavailable as error:  # the shared engine is gone: stop, keep what is done
+                self.context.budget.settle(reserved_usd, 0.0)
+                self.context.stop.stop(str(error))
+                self.tracker.not_sent += 1
+                return
+            except RequestNeverFits as error:  # the limit learned meanwhile is below this request
+                self._too_large(request, line_bytes, reserved_usd, error)
+                return
+            await self.sender.send(request, lane, tokens, line_bytes, reserved_usd)
+        finally:
+            self.context.pending_window.release()
+
+    def _too_large(self, request: ParsedRequest, line_bytes: int, reserved_usd: float, error: Exception) -> None:
+        """A request above the token limit: that row's error, decided here."""
+        self.context.budget.settle(reserved_usd, 0.0)
+        self.tracker.failed_too_large += 1
+        self.recorder.record(request, line_bytes, RowResult.local_error("request_too_large", str(error)))
+
+    def _estimate(self, request: ParsedRequest) -> Tuple[int, int]:
+        """The request's prompt and most completion tokens, or (0, 0) when no estimate is needed."""
+        estimator = self.context.estimator
+        if estimator is None:
+            return 0, 0
+        try:
+            prompt, completion = estimator.estimate_parts(request.body, endpoint_of_url(request.url))
+        except Exception:  # an odd body must not stop the shard: fall back to a size-based guess
+            prompt, completion = len(request.payload) // 4, 0
+        self.tracker.tokens_estimated += prompt + completion
+        return prompt, completion
+
+
+def _shard_run_name() -> str:
+    """The task run's name: input file, shard number and byte range."""
+    shard = current_task_run.parameters.get("shard")
+    if isinstance(shard, ShardSpec):
+        return f"{os.path.basename(shard.source)} {shard.label}"
+    return "process-shard"
