@@ -1,4 +1,4 @@
-"""Shared fixtures: a real Prefect API (test harness), and OpenAI-compatible test servers on 127.0.0.1.
+"""Shared fixtures: a real Prefect API (``prefect server start``), and OpenAI-compatible test servers on 127.0.0.1.
 
 Every test that sends requests talks to a real ``tools.openai_test_server`` over a socket;
 flow tests run against a real (temporary, SQLite) Prefect server started once per session.
@@ -8,10 +8,13 @@ flow tests run against a real (temporary, SQLite) Prefect server started once pe
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from typing import Any, Callable, Iterator, List
 
 # Settings that must be in place before Prefect is imported anywhere.
@@ -28,13 +31,48 @@ from tools.openai_test_server import RunningServer, ServerConfig, start_server_t
 
 
 @pytest.fixture(scope="session")
-def prefect_api_url() -> Iterator[str]:
-    """A temporary Prefect server for the whole session; yields its API URL."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_api_url(tmp_path_factory) -> Iterator[str]:
+    """A real ``prefect server start`` for the whole session (its own SQLite home); yields its API URL.
 
-    with prefect_test_harness(server_startup_timeout=90):
-        yield PREFECT_API_URL.value()
+    Its home is seeded with the migrated database ``make install`` prepared, so it starts in a few
+    seconds instead of migrating a new database. Flows run in this process use it; subprocesses get
+    it through ``PREFECT_API_URL``.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.platform.embedded_prefect_api import seed_home
+
+    home = str(tmp_path_factory.mktemp("prefect-session-home"))
+    seed_home(home)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=home, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "prefect"), "server", "start", "--host",
+                               "127.0.0.1", "--port", str(port)], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api_url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{api_url}/health", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "prefect server did not start"
+            time.sleep(0.2)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield api_url
+    finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)  # the runs' last logs reach the server before it stops
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def _mixed_rows(count: int) -> List[Any]:
 def test_cookbook_command_line_at_6000_rpm_in_one_second_slices(api_server, tmp_path) -> None:
     server = api_server(requests_per_minute=6000, slice_seconds=1.0, fault_rate=0.02, api_key=KEY,
                         latency_seconds=0.02, latency_jitter_seconds=0.05, seed=11)
-    rows = _mixed_rows(2000)
+    rows = _mixed_rows(1000)
     source = write_jsonl(tmp_path / "requests.jsonl", rows)
     save = str(tmp_path / "results.jsonl")
     command = [

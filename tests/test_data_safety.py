@@ -82,7 +82,7 @@ def test_two_runs_of_one_job_at_once_pay_once_and_leave_a_complete_output(api_se
     server = api_server(latency_seconds=0.1)
     rows = _rows(400)
     source = write_jsonl(tmp_path / "in.jsonl", rows)
-    arguments = ["--requests_filepath", source, "--request_url", f"{server.url}/v1/embeddings", "--max-in-flight", "4",
+    arguments = ["--requests_filepath", source, "--request_url", f"{server.url}/v1/embeddings", "--max-in-flight", "8",
                  *NO_LIMITS]
     first = _cli(arguments, str(tmp_path / "home1"))
     second = _cli(arguments, str(tmp_path / "home2"))

@@ -4,11 +4,8 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from typing import Any, Dict, Iterator, List, Tuple
 
 # Third-party imports
@@ -33,12 +30,6 @@ BIN = os.path.dirname(sys.executable)
 KEY = "sk-test-DEPLOYSECRET-0123456789abcdef"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _stop(process: subprocess.Popen) -> None:
     for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
         if process.poll() is not None:
@@ -54,29 +45,14 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory) -> Iterator[Tuple[str, Dict[str, str]]]:
-    """`prefect server start` on a free port of 127.0.0.1 with its own SQLite home."""
-    home = str(tmp_path_factory.mktemp("prefect-server-home"))
+def prefect_server(prefect_api_url, tmp_path_factory) -> Iterator[Tuple[str, Dict[str, str]]]:
+    """The session's ``prefect server start``, and the environment of a client with its own SQLite home."""
+    home = str(tmp_path_factory.mktemp("prefect-client-home"))
     seed_home(home)
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "OPENAI_API_KEY"}
     env.update(PREFECT_HOME=home, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
-               PWD="/")  # a stale shell variable must not matter: deploying uses the real working folder
-    server = subprocess.Popen([f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    api_url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{api_url}/health", timeout=2)
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "prefect server did not start"
-            time.sleep(0.2)
-    env["PREFECT_API_URL"] = api_url
-    yield api_url, env
-    _stop(server)
+               PWD="/", PREFECT_API_URL=prefect_api_url)  # a stale PWD must not matter: deploying uses the real folder
+    yield prefect_api_url, env
 
 
 def _prefect(env: Dict[str, str], *arguments: str, timeout: float = 120) -> subprocess.CompletedProcess:

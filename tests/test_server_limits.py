@@ -23,20 +23,20 @@ async def _run(**parameters: Any):
 
 async def test_limits_three_times_too_high_follow_the_server(prefect_api_url, api_server, tmp_path) -> None:
     server = api_server(requests_per_minute=6000, latency_seconds=0.02)
-    source = write_jsonl(tmp_path / "high.jsonl", _rows(1500))
+    source = write_jsonl(tmp_path / "high.jsonl", _rows(900))
     state, summary = await _run(requests_filepath=source, request_url=f"{server.url}/v1/chat/completions",
                                 max_requests_per_minute=18_000, max_tokens_per_minute=30_000_000)
     assert state.is_completed(), state.message
     stats = server.stats()
     assert stats["rate_limited"] <= 0.02 * stats["requests"], stats
     assert stats["accepted_per_minute"] >= 0.85 * 6000, stats
-    assert len(read_jsonl(tmp_path / "high_results.jsonl")) == 1500
+    assert len(read_jsonl(tmp_path / "high_results.jsonl")) == 900
     assert summary["max_requests_per_minute"] == 6000  # the summary reports the limit in force
 
 
 async def test_no_limits_given_are_learned_from_the_server(prefect_api_url, api_server, tmp_path) -> None:
     server = api_server(requests_per_minute=6000, tokens_per_minute=5_000_000, latency_seconds=0.02)
-    source = write_jsonl(tmp_path / "learn.jsonl", _rows(1500))
+    source = write_jsonl(tmp_path / "learn.jsonl", _rows(900))
     state, summary = await _run(requests_filepath=source, request_url=f"{server.url}/v1/chat/completions")
     assert state.is_completed(), state.message
     stats = server.stats()
@@ -48,7 +48,7 @@ async def test_no_limits_given_are_learned_from_the_server(prefect_api_url, api_
 async def test_each_model_keeps_to_its_own_limit(prefect_api_url, api_server, tmp_path) -> None:
     server = api_server(model_limits={"gpt-4o-mini": (3000, None), "gpt-4.1-nano": (1200, None)}, latency_seconds=0.01)
     rows = [{"model": "gpt-4o-mini" if i % 2 else "gpt-4.1-nano", "messages": [{"role": "user", "content": f"r{i}"}],
-             "max_tokens": 5} for i in range(500)]
+             "max_tokens": 5} for i in range(300)]
     source = write_jsonl(tmp_path / "mixed.jsonl", rows)
     state, _ = await _run(requests_filepath=source, request_url=f"{server.url}/v1/chat/completions",
                           model_limits={"gpt-4.1-nano": {"requests_per_minute": 1200}})
@@ -60,7 +60,7 @@ async def test_each_model_keeps_to_its_own_limit(prefect_api_url, api_server, tm
     assert stats["accepted_per_minute_by_model"]["gpt-4o-mini"] <= 3000
     assert stats["accepted_per_minute_by_model"]["gpt-4o-mini"] >= 2 * stats["accepted_per_minute_by_model"]["gpt-4.1-nano"]
     assert stats["rate_limited"] <= 0.02 * stats["requests"], stats
-    assert len(read_jsonl(tmp_path / "mixed_results.jsonl")) == 500
+    assert len(read_jsonl(tmp_path / "mixed_results.jsonl")) == 300
 
 
 async def test_dry_run_counts_like_the_server_and_sends_nothing(prefect_api_url, api_server, tmp_path) -> None:

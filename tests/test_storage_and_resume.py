@@ -145,9 +145,10 @@ def test_a_torn_record_is_cut_off_when_a_part_reopens(tmp_path) -> None:
     assert set(read_part_state(path).done) == {0, 1}
 
 
-def _cli(arguments: List[str], home: str, **popen: Any) -> subprocess.Popen:
+def _cli(arguments: List[str], home: str, api_url: str, **popen: Any) -> subprocess.Popen:
+    """The command line in a process group of its own, on the session's Prefect server (killing it kills no server)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=home, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(PREFECT_HOME=home, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_API_URL=api_url)
     return subprocess.Popen([CLI, *arguments], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -157,23 +158,24 @@ def _kill_group(process: subprocess.Popen) -> None:
     process.wait(30)
 
 
-def test_kill_9_half_way_then_the_same_command_finishes_without_paying_twice(api_server, tmp_path) -> None:
-    server = api_server(requests_per_minute=3000, latency_seconds=0.05)
+def test_kill_9_half_way_then_the_same_command_finishes_without_paying_twice(prefect_api_url, api_server,
+                                                                             tmp_path) -> None:
+    server = api_server(requests_per_minute=6000, latency_seconds=0.05)
     rows = _embeddings(600)
     source = write_jsonl(tmp_path / "k.jsonl", rows)
     in_flight = 8
     arguments = ["--requests_filepath", source, "--request_url", f"{server.url}/v1/embeddings",
-                 "--max_requests_per_minute", "3000", "--max_tokens_per_minute", "inf", "--max-in-flight", str(in_flight),
+                 "--max_requests_per_minute", "6000", "--max_tokens_per_minute", "inf", "--max-in-flight", str(in_flight),
                  "--shards", "4"]
     home = str(tmp_path / "home")
-    first = _cli(arguments, home)
+    first = _cli(arguments, home, prefect_api_url)
     deadline = time.monotonic() + 120
     while server.stats()["requests"] < 300:
         assert first.poll() is None and time.monotonic() < deadline, "the first run ended before half-way"
         time.sleep(0.02)
     _kill_group(first)
     received_before = server.stats()["requests"]
-    second = _cli(arguments, home)
+    second = _cli(arguments, home, prefect_api_url)
     out, err = second.communicate(timeout=240)
     assert second.returncode == 0, err[-3000:]
     results = read_jsonl(tmp_path / "k_results.jsonl")
@@ -184,14 +186,14 @@ def test_kill_9_half_way_then_the_same_command_finishes_without_paying_twice(api
     assert received_before >= 300 and "resumed" in out
 
 
-def test_kill_9_during_the_final_assembly_then_the_same_command_completes(api_server, tmp_path) -> None:
+def test_kill_9_during_the_final_assembly_then_the_same_command_completes(prefect_api_url, api_server, tmp_path) -> None:
     server = api_server()
     rows = _embeddings(20000)
     source = write_jsonl(tmp_path / "a.jsonl", rows)
     arguments = ["--requests_filepath", source, "--request_url", f"{server.url}/v1/embeddings",
                  "--max_requests_per_minute", "inf", "--max_tokens_per_minute", "inf", "--shards", "4"]
     home = str(tmp_path / "home")
-    first = _cli(arguments, home)
+    first = _cli(arguments, home, prefect_api_url)
     deadline = time.monotonic() + 180
     caught = False
     while first.poll() is None and time.monotonic() < deadline:
@@ -206,7 +208,7 @@ def test_kill_9_during_the_final_assembly_then_the_same_command_completes(api_se
     assert not (tmp_path / "a_results.jsonl").exists()
     sent = server.stats()["requests"]
     assert sent == 20000
-    second = _cli(arguments, home)
+    second = _cli(arguments, home, prefect_api_url)
     out, err = second.communicate(timeout=240)
     assert second.returncode == 0, err[-3000:]
     assert server.stats()["requests"] == sent  # every shard was done: nothing is sent again

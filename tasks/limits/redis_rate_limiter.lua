@@ -1,4 +1,5 @@
--- The Redis-backed rate-limit engine's one server-side script (see tasks/redis_rate_limiter.py).
+-- The Redis-backed rate-limit engine's one server-side script (see tasks/limits/redis_engine.py; it is called through
+-- tasks/limits/redis_script.py, which names every argument below).
 --
 -- One call does, atomically, everything a process has for one lane (model and endpoint) of one
 -- shared identity: heartbeat, frees what dead processes held, applies releases, refunds, 429
@@ -69,7 +70,7 @@ if release_n < tonumber(ARGV[9]) then release_t = my_t end
 local function load(prefix, limit_per_minute)
   if limit_per_minute < 0 then return nil end
   local rate = limit_per_minute / 60.0
-  -- Shallow (see depth_seconds in redis_rate_limiter.py): reservations run ahead of the bucket as
+  -- Shallow (see depth_seconds in redis_engine.py): reservations run ahead of the bucket as
   -- debt, so its depth is only what a lull can save up for the catch-up after it.
   local capacity = math.max(rate * depth, 1.0)
   local saved = redis.call('HMGET', KEYS[1], prefix .. 'level', prefix .. 'at', prefix .. 'pause')
