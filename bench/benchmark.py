@@ -24,6 +24,7 @@ Usage:
     make bench
     PYTHONPATH=. .venv/bin/python bench/benchmark.py                  # the full run (a few minutes)
     PYTHONPATH=. .venv/bin/python bench/benchmark.py --requests 5000 --memory-lines 2000 20000
+    PYTHONPATH=. .venv/bin/python bench/benchmark.py --baseline-tree /tmp/base   # against another commit
 
 Pitfalls:
     - The machine has 2 cores: the server takes one, the client the other. Close other work
@@ -60,6 +61,8 @@ async def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         bare_rates: List[float] = []
         flow_rates: List[float] = []
         startups: List[float] = []
+        baseline_rates: List[float] = []
+        baseline_startups: List[float] = []
         unlimited: Dict[str, Any] = {"requests": args.requests}
         with TestServer(work) as server:
             for round_number in range(1, args.rounds + 1):
@@ -73,6 +76,15 @@ async def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                 unlimited[f"round_{round_number}"] = (f"bare {bare_rates[-1]:,.0f}/s, flow {flow_rates[-1]:,.0f}/s, "
                                                       f"ratio {flow_rates[-1] / bare_rates[-1]:.2f}, "
                                                       f"exit {flow['exit_status']}")
+                if args.baseline_tree:  # the same flow from another commit, in the same round
+                    baseline = run_flow_cli(source, f"{server.url}/v1/embeddings", work,
+                                            ["--max_requests_per_minute", "inf", "--max_tokens_per_minute", "inf",
+                                             "--max_in_flight", "200"], tree=args.baseline_tree)
+                    baseline_stats = server.stats_and_reset()
+                    baseline_rates.append(baseline_stats["accepted_per_minute"] / 60.0)
+                    baseline_startups.append(baseline_stats["first_arrival"] - baseline["started_at"])
+                    unlimited[f"round_{round_number}"] += (f"; baseline flow {baseline_rates[-1]:,.0f}/s, start-up "
+                                                           f"{baseline_startups[-1]:.2f} s against {startups[-1]:.2f} s")
         unlimited.update(
             bare_aiohttp_requests_per_second_median=statistics.median(bare_rates),
             flow_requests_per_second_median=statistics.median(flow_rates),
@@ -80,6 +92,12 @@ async def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
             flow_startup_to_first_request_seconds_median=statistics.median(startups),
             flow_startup_to_first_request_seconds_max=max(startups),
         )
+        if baseline_rates:
+            unlimited.update(
+                baseline_flow_requests_per_second_median=statistics.median(baseline_rates),
+                baseline_ratio_of_medians_to_bare=statistics.median(baseline_rates) / statistics.median(bare_rates),
+                baseline_startup_to_first_request_seconds_median=statistics.median(baseline_startups),
+            )
         results["unlimited"] = unlimited
         _print_section("1. No limits", results["unlimited"])
 
@@ -185,8 +203,13 @@ async def bare_aiohttp_client(url: str, source: str, concurrency: int) -> float:
     return time.monotonic() - started
 
 
-def run_flow_cli(source: str, url: str, work: str, extra: List[str], measure_memory: bool = False) -> Dict[str, Any]:
-    """Run the flow's command line as its own process (Prefect's embedded API included)."""
+def run_flow_cli(source: str, url: str, work: str, extra: List[str], measure_memory: bool = False,
+                 tree: Optional[str] = None) -> Dict[str, Any]:
+    """Run the flow's command line as its own process (Prefect's embedded API included).
+
+    Args:
+        tree: run the code of this source tree instead (a checkout of another commit, the baseline).
+    """
     # A fresh output each time: the same input and output again would be a finished job, and send nothing.
     save = source.replace(".jsonl", f"_results_{time.monotonic_ns()}.jsonl")
     arguments = ["--requests_filepath", source, "--save_filepath", save, "--request_url", url, *extra,
@@ -199,8 +222,10 @@ def run_flow_cli(source: str, url: str, work: str, extra: List[str], measure_mem
         command = [CLI, *arguments]
     env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=os.path.join(work, "prefect-home"))
     env.pop("PREFECT_API_URL", None)
+    if tree:
+        env["PYTHONPATH"] = tree
     started_at = time.monotonic()
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    completed = subprocess.run(command, cwd=tree or ROOT, env=env, capture_output=True, text=True, timeout=1800)
     outcome: Dict[str, Any] = {"exit_status": completed.returncode, "started_at": started_at}
     if completed.returncode != 0:
         print(completed.stdout[-2000:], completed.stderr[-4000:], file=sys.stderr)
@@ -257,6 +282,9 @@ def parse_arguments() -> argparse.Namespace:
                         help="the two input sizes of the memory run (default: 10000 100000)")
     parser.add_argument("--s3-megabytes", type=int, default=1024,
                         help="size of the S3 object read as 16 shards; 0 skips it (default: %(default)s)")
+    parser.add_argument("--baseline-tree", default=None,
+                        help="a checkout of another commit (git worktree add /tmp/base <rev>): its flow runs in every "
+                             "no-limit round too, for a comparison in the same run")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     return parser.parse_args()
 

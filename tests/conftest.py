@@ -64,15 +64,14 @@ def prefect_api_url(tmp_path_factory) -> Iterator[str]:
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             yield api_url
-    finally:
-        from prefect.logging.handlers import APILogWorker
+            try:
+                from prefect.logging.handlers import APILogWorker
 
-        APILogWorker.drain_all(timeout=10)  # the runs' last logs reach the server before it stops
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+                APILogWorker.drain_all(timeout=10)  # the runs' last logs reach the server before it stops
+            except Exception:
+                pass
+    finally:
+        _stop_group(server)
 
 
 @pytest.fixture
@@ -129,6 +128,20 @@ def s3(monkeypatch):
     client.create_bucket(Bucket="jobs")
     yield client
     server.stop()
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """Stop a process and its children: SIGTERM, then SIGKILL if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _redis_answers(port: int) -> bool:

@@ -209,6 +209,8 @@ def _decide_outcome(status: int, raw: bytes, headers: Mapping[str, str], api_key
         body = fast_json.loads(raw) if raw else None
     except ValueError:
         body = None
+    if 200 <= status < 300 and isinstance(body, dict) and "error" not in body:  # the usual answer: nothing to read
+        return ApiResult(Outcome.SUCCESS, status, body, request_id=request_id)
     error_info = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error_info, dict):
         error_info = {"message": error_info} if isinstance(error_info, str) else {}

@@ -47,6 +47,7 @@ Pitfalls:
 import asyncio
 import collections
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Deque, Dict, Optional, Protocol, Tuple
 
@@ -155,6 +156,13 @@ class RateLimiter:
             RequestNeverFits: when ``tokens`` is above the token limit in force.
         """
         self._bind_loop()
+        assert self._requests is not None and self._tokens is not None
+        if self._requests.unlimited and self._tokens.unlimited:  # only the in-flight cap counts (no limits)
+            if self._waiters or self.in_flight >= self.max_in_flight:
+                return False
+            self.in_flight += 1
+            self.tokens_in_flight += tokens
+            return True
         check_fits(tokens, self.token_limit)
         return not self._waiters and self._try_grant(tokens)
 
@@ -170,10 +178,20 @@ class RateLimiter:
         """The token limit per minute in force: configured, learned from the server, or None."""
         return self.learned.in_force("tokens", self.max_tokens_per_minute)
 
+    @property
+    def limits_tokens(self) -> bool:
+        """True when a token limit applies or is still to be learned, so requests need token estimates."""
+        if self._tokens is not None:
+            return not self._tokens.unlimited
+        limit = self.max_tokens_per_minute
+        return (limit is None and self.learn_limits) or (limit is not None and not math.isinf(limit))
+
 
     def observe(self, limits: Any) -> None:
         """Follow an answer's ``x-ratelimit-*`` headers (a ``ServerLimits``), or their absence (None)."""
         self._bind_loop()
+        if limits is None and not self._still_learning:
+            return  # no headers, and nothing left to learn from their absence
         now = self._now()
         configured = {"requests": self.max_requests_per_minute, "tokens": self.max_tokens_per_minute}
         buckets = {"requests": self._requests, "tokens": self._tokens}
@@ -225,6 +243,12 @@ class RateLimiter:
             bucket.level = bucket.capacity  # the first request goes at once: its answer tells the limits
             return bucket
         return TokenBucket.per_minute(self._target(configured), self.burst_seconds, now)
+
+    @property
+    def _still_learning(self) -> bool:
+        """True while a limit that was not given has not been learned yet."""
+        return self.learn_limits and ((self.max_requests_per_minute is None and self.learned.requests is None)
+                                      or (self.max_tokens_per_minute is None and self.learned.tokens is None))
 
     def _now(self) -> float:
         """The engine's time: the injected clock, else the event loop's."""
@@ -330,6 +354,11 @@ class RequestLane:
         """The limit the server said for ``scope`` ("requests" or "tokens"), if any."""
         return self.buckets.learned.get(scope)
 
+    @property
+    def limits_tokens(self) -> bool:
+        """True when this model's token bucket limits anything (or will, once its limit is learned)."""
+        return self.buckets.limits_tokens
+
     def release(self, tokens: float = 0.0) -> None:
         """Free the shared slot and the model's in-flight count."""
         self.in_flight.release()
@@ -378,6 +407,10 @@ class Lane(Protocol):
 
     def learned_limit(self, scope: str) -> Optional[float]:
         """The limit the server said for ``scope`` ("requests" or "tokens"), if any."""
+
+    @property
+    def limits_tokens(self) -> bool:
+        """True when a token limit applies or is still to be learned, so requests need token estimates."""
 
 
 @dataclass

@@ -237,6 +237,11 @@ class RedisLane:
         """The token limit per minute in force, or None."""
         return lower_limit(finite_limit(self.max_tokens_per_minute), self.learned.tokens)
 
+    @property
+    def limits_tokens(self) -> bool:
+        """True when the shared token bucket limits anything (or will, once its limit is learned)."""
+        return self._rate_argument("tokens")[0] != ABSENT
+
     async def aclose(self) -> None:
         """Tell Redis what is still pending and stop the dispatcher."""
         if self._dispatcher is not None:

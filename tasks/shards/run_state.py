@@ -151,12 +151,13 @@ class RunContext:
         settings: what every shard follows.
         limiter: the rate-limit engine.
         client: the API client (one aiohttp session).
-        estimator: the token estimator, or None when no limit or budget needs estimates.
+        estimator: the token estimator, or None while no token limit or budget needs estimates.
         progress: the progress counter the shards advance.
         budget: the run's money.
         stop: the run's stop signal.
         errors: error examples for the summary.
         transport_params: smart-open's transport parameters for the input.
+        token_encoding_name: the encoding an estimator made later uses (None: each model's own).
         pending_window: requests read but not yet settled, across every shard.
     """
 
@@ -169,4 +170,11 @@ class RunContext:
     stop: RunStop = field(default_factory=RunStop)
     errors: ErrorExamples = field(default_factory=ErrorExamples)
     transport_params: Optional[Dict[str, Any]] = None
+    token_encoding_name: Optional[str] = None
     pending_window: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PENDING_REQUESTS))
+
+    def estimator_for(self, limits_tokens: bool) -> Optional[TokenEstimator]:
+        """The estimator, made the first time a token limit applies (a server may state one mid-run)."""
+        if self.estimator is None and limits_tokens:
+            self.estimator = TokenEstimator.for_name(self.token_encoding_name)
+        return self.estimator

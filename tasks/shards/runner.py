@@ -77,10 +77,16 @@ class EngineSettings:
 
     @property
     def needs_estimates(self) -> bool:
-        """True when a token limit can apply, so requests need token estimates."""
+        """True when a token limit can apply, so requests need token estimates.
+
+        A token limit applies when one is given, or when none is given and it is to be learned. With
+        ``inf`` given, no estimate is made (a limit the server states later is then followed by its
+        headers' remaining counts alone).
+        """
         tokens = self.max_tokens_per_minute
-        return (tokens is not None and not math.isinf(tokens)) or self.learn_limits or any(
-            "tokens_per_minute" in limits for limits in self.model_limits.values())
+        if tokens is None:
+            return self.learn_limits or any("tokens_per_minute" in limits for limits in self.model_limits.values())
+        return not math.isinf(tokens) or any("tokens_per_minute" in limits for limits in self.model_limits.values())
 
 
 @dataclass(frozen=True)
@@ -255,7 +261,7 @@ async def run_shards_here(job: ShardJob, shards: Sequence[ShardSpec], part_paths
         async with aiohttp.ClientSession(connector=connector) as session:
             context = RunContext(settings, engine, ApiClient(session, api_key, job.request_timeout_seconds),
                                  estimator, progress, Budget(job.budget_usd, PriceTable.load(job.price_table)),
-                                 transport_params=transport_params)
+                                 transport_params=transport_params, token_encoding_name=job.token_encoding_name)
             watcher = asyncio.create_task(_stop_when_set(lost_lock, context.stop)) if lost_lock is not None else None
             try:
                 states = await asyncio.gather(*(

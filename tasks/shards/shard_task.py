@@ -157,7 +157,8 @@ class ShardReader:
 
     async def _start_row(self, request: ParsedRequest, line_bytes: int) -> None:
         """Estimate, budget and queue one valid row (its send runs in a task of its own)."""
-        prompt_tokens, completion_tokens = self._estimate(request)
+        lane = self.context.limiter.lane_for(request.model, endpoint_of_url(request.url))
+        prompt_tokens, completion_tokens = self._estimate(request, lane)
         tokens = prompt_tokens + completion_tokens
         budget = self.context.budget
         try:
@@ -170,7 +171,6 @@ class ShardReader:
             self.context.stop.close_dispatch(budget.reached)
             self.tracker.not_sent += 1
             return
-        lane = self.context.limiter.lane_for(request.model, endpoint_of_url(request.url))
         try:
             ready = lane.try_take_buckets(tokens)
         except RequestNeverFits as error:
@@ -212,9 +212,9 @@ class ShardReader:
         self.tracker.failed_too_large += 1
         self.recorder.record(request, line_bytes, RowResult.local_error("request_too_large", str(error)))
 
-    def _estimate(self, request: ParsedRequest) -> Tuple[int, int]:
-        """The request's prompt and most completion tokens, or (0, 0) when no estimate is needed."""
-        estimator = self.context.estimator
+    def _estimate(self, request: ParsedRequest, lane: Lane) -> Tuple[int, int]:
+        """The request's prompt and most completion tokens, or (0, 0) while no token limit or budget needs them."""
+        estimator = self.context.estimator_for(lane.limits_tokens)
         if estimator is None:
             return 0, 0
         try:
