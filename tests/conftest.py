@@ -71,7 +71,7 @@ def prefect_api_url(tmp_path_factory) -> Iterator[str]:
             except Exception:
                 pass
     finally:
-        _stop_group(server)
+        stop_group(server)
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def s3(monkeypatch):
     server.stop()
 
 
-def _stop_group(process: subprocess.Popen) -> None:
+def stop_group(process: subprocess.Popen) -> None:
     """Stop a process and its children: SIGTERM, then SIGKILL if it lingers."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:

@@ -3,7 +3,6 @@
 # Standard library imports
 import json
 import os
-import signal
 import subprocess
 import sys
 from typing import Any, Dict, Iterator, List, Tuple
@@ -23,25 +22,11 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 # Local application imports
 from tasks.platform.embedded_prefect_api import seed_home
-from tests.conftest import write_jsonl
+from tests.conftest import stop_group, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 KEY = "sk-test-DEPLOYSECRET-0123456789abcdef"
-
-
-def _stop(process: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
-        if process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(8)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +63,7 @@ async def test_deploy_all_then_an_adhoc_run_through_a_worker(prefect_server, api
                  "--param", f"request_url={server.url}/v1/embeddings",
                  "--param", "max_requests_per_minute=6000", "--param", "shards=3", "--watch", timeout=240)
     finally:
-        _stop(worker)
+        stop_group(worker)
 
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         async with get_client() as client:
@@ -166,7 +151,7 @@ async def test_shards_as_child_runs_on_two_workers_share_one_redis_limit(prefect
                  "--param", f"work_dir={tmp_path / 'work'}", "--param", "shards=4", "--watch", timeout=300)
     finally:
         for worker in workers:
-            _stop(worker)
+            stop_group(worker)
 
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         async with get_client() as client:
