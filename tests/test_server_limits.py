@@ -118,3 +118,20 @@ async def test_budget_stops_dispatching_and_cost_comes_from_usage(prefect_api_ur
                                 max_requests_per_minute=float("inf"), max_tokens_per_minute=float("inf"))
     assert state.is_completed()  # a larger budget resumes the same job
     assert len(read_jsonl(tmp_path / "b_results.jsonl")) == 100
+
+
+async def test_a_token_limit_the_server_states_binds_even_with_inf_given(prefect_api_url, api_server, tmp_path) -> None:
+    # Every row is read before the first answer says the token limit; each must still carry its estimate,
+    # or the rows read meanwhile pass the token bucket for free and the server refuses them.
+    server = api_server(requests_per_minute=6000, tokens_per_minute=30_000)
+    source = write_jsonl(tmp_path / "tokens.jsonl", [{"model": "gpt-4o-mini", "messages": [
+        {"role": "user", "content": f"hi {i}"}], "max_tokens": 5, "metadata": {"row": i}} for i in range(300)])
+    state, summary = await _run(requests_filepath=source, request_url=f"{server.url}/v1/chat/completions",
+                                max_requests_per_minute=6000, max_tokens_per_minute=float("inf"))
+    assert state.is_completed(), state.message
+    stats = server.stats()
+    assert summary["totals"]["tokens_estimated"] > 0
+    # Before the rows read meanwhile carried their estimates again: 63% of the requests answered 429. What
+    # is left comes from the cautious start before the first answer (about 2-7%, as before the change).
+    assert stats["rate_limited"] <= 0.15 * stats["requests"], stats
+    assert len(read_jsonl(tmp_path / "tokens_results.jsonl")) == 300

@@ -95,6 +95,7 @@ class RateLimiter:
     in_flight: int = field(default=0, init=False)
     tokens_in_flight: float = field(default=0.0, init=False)
     learned: LearnedLimits = field(default_factory=LearnedLimits, init=False)
+    answered: bool = field(default=False, init=False)
     clock: Optional[Callable[[], float]] = field(default=None, repr=False)
     _requests: Optional[TokenBucket] = field(default=None, init=False, repr=False)
     _tokens: Optional[TokenBucket] = field(default=None, init=False, repr=False)
@@ -180,7 +181,13 @@ class RateLimiter:
 
     @property
     def limits_tokens(self) -> bool:
-        """True when a token limit applies or is still to be learned, so requests need token estimates."""
+        """True when a token limit applies or is still to be learned, so requests need token estimates.
+
+        While learning, that is until the first answer: it may state a token limit, which then binds the
+        requests read meanwhile too (even with ``inf`` given, a limit the server states is followed).
+        """
+        if self.learn_limits and not self.answered:
+            return True
         if self._tokens is not None:
             return not self._tokens.unlimited
         limit = self.max_tokens_per_minute
@@ -190,6 +197,7 @@ class RateLimiter:
     def observe(self, limits: Any) -> None:
         """Follow an answer's ``x-ratelimit-*`` headers (a ``ServerLimits``), or their absence (None)."""
         self._bind_loop()
+        self.answered = True
         if limits is None and not self._still_learning:
             return  # no headers, and nothing left to learn from their absence
         now = self._now()

@@ -9,6 +9,7 @@ succeeds, fails for good, or the run stops:
     - 400/404/422 (INVALID): written at once as that row's error;
     - 5xx, 408/409, resets and timeouts: retried with exponential backoff and jitter, up to
       ``max_attempts``;
+    - a request that no longer fits the token limit learned meanwhile: that row's error, decided here;
     - ``insufficient_quota``, 401/403 (STOP): the whole run stops sending.
 Whatever happens, the budget is settled with this request's own cost.
 
@@ -24,6 +25,7 @@ from typing import Any, Optional
 
 # Local application imports
 from tasks.api.api_client import ApiResult, Outcome, backoff_seconds
+from tasks.limits.learned_limits import RequestNeverFits
 from tasks.limits.rate_limiter import Lane
 from tasks.limits.redis_engine import LimiterUnavailable
 from tasks.reporting.metrics import StatusTracker
@@ -98,9 +100,16 @@ class RequestSender:
         failed_attempts = rate_limit_waits = 0
         holds_capacity = True
         while True:
-            if not holds_capacity and not await self._capacity_again(lane, tokens):
-                tracker.not_sent += 1
-                return 0.0
+            if not holds_capacity:
+                try:
+                    capacity = await self._capacity_again(lane, tokens)
+                except RequestNeverFits as error:  # the limit learned meanwhile is below this request
+                    tracker.failed_too_large += 1
+                    self.recorder.record(request, line_bytes, RowResult.local_error("request_too_large", str(error)))
+                    return 0.0
+                if not capacity:
+                    tracker.not_sent += 1
+                    return 0.0
             tracker.note_request_sent()
             try:
                 result = await context.client.send(request.method, request.url, request.payload)
