@@ -193,7 +193,6 @@ class RateLimiter:
         limit = self.max_tokens_per_minute
         return (limit is None and self.learn_limits) or (limit is not None and not math.isinf(limit))
 
-
     def observe(self, limits: Any) -> None:
         """Follow an answer's ``x-ratelimit-*`` headers (a ``ServerLimits``), or their absence (None)."""
         self._bind_loop()

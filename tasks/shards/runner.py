@@ -75,19 +75,6 @@ class EngineSettings:
                                         identity=limiter_identity(request_url, api_key, self.limiter_name))
         return RateLimiterPool(*limits)
 
-    @property
-    def needs_estimates(self) -> bool:
-        """True when a token limit can apply, so requests need token estimates.
-
-        A token limit applies when one is given, or when none is given and it is to be learned. With
-        ``inf`` given, no estimate is made (a limit the server states later is then followed by its
-        headers' remaining counts alone).
-        """
-        tokens = self.max_tokens_per_minute
-        if tokens is None:
-            return self.learn_limits or any("tokens_per_minute" in limits for limits in self.model_limits.values())
-        return not math.isinf(tokens) or any("tokens_per_minute" in limits for limits in self.model_limits.values())
-
 
 @dataclass(frozen=True)
 class ShardJob:
@@ -253,8 +240,8 @@ async def run_shards_here(job: ShardJob, shards: Sequence[ShardSpec], part_paths
     engine = job.engine.build(job.request_url, api_key)
     try:
         await engine.check()
-        estimator = (TokenEstimator.for_name(job.token_encoding_name)
-                     if job.engine.needs_estimates or job.budget_usd is not None else None)
+        # A budget prices every request; otherwise each lane makes the estimator on first need (a token limit).
+        estimator = TokenEstimator.for_name(job.token_encoding_name) if job.budget_usd is not None else None
         settings = RunSettings(request_url=job.request_url, shape=RequestShape(job.shape),
                                max_attempts=job.max_attempts, retry_base_seconds=job.retry_base_seconds)
         connector = aiohttp.TCPConnector(limit=job.engine.max_in_flight, limit_per_host=job.engine.max_in_flight)
@@ -271,23 +258,21 @@ async def run_shards_here(job: ShardJob, shards: Sequence[ShardSpec], part_paths
             finally:
                 if watcher is not None:
                     watcher.cancel()
-        results: List[Optional[ShardResult]] = []
-        for state in states:
+        trackers: List[Optional[StatusTracker]] = []
+        for shard, state in zip(shards, states):
             value = await state.aresult(raise_on_failure=False)
             if not isinstance(value, StatusTracker):  # the shard task crashed: the run stops, the shard is missing
-                context.stop.stop(f"a shard failed: {type(value).__name__}: {value}")
-                results.append(None)
-                continue
-            results.append(ShardResult(value, None, [], engine.learned_limit("requests"),
-                                       engine.learned_limit("tokens")))
-        for result in results:
-            if result is not None:
-                result.stop_reason, result.error_examples = context.stop.end_reason, context.errors.texts
+                context.stop.stop(f"{shard.label} failed: {type(value).__name__}: {value}")
+                value = None
+            trackers.append(value)
     finally:
         await engine.aclose()
     note = engine.usage_note()
     if note:
         get_run_logger().info("%s", note)
+    learned = (engine.learned_limit("requests"), engine.learned_limit("tokens"))
+    results = [None if tracker is None else ShardResult(tracker, context.stop.end_reason, context.errors.texts, *learned)
+               for tracker in trackers]
     return ShardOutcome.collect(shards, results, "failed")
 
 
