@@ -28,6 +28,7 @@ test: install
 bench: install
 	PYTHONPATH=. $(BIN)/python bench/benchmark.py
 	PYTHONPATH=. $(BIN)/python bench/redis_limiter.py
+	PYTHONPATH=. $(BIN)/python bench/limit_dialects.py
 
 clean:
 	rm -rf $(VENV) examples/output .pytest_cache

@@ -13,8 +13,9 @@ Usage:
 Every flag of the Cookbook's ``api_request_parallel_processor.py`` works verbatim, and each is also
 spelled with dashes. ``--api_key`` defaults to the ``OPENAI_API_KEY`` environment variable.
 Limits take a number, or ``inf`` for none. An omitted limit is learned from the server's
-``x-ratelimit-*`` headers (falling back to the Cookbook's 1,500 RPM and 125,000 TPM when the
-server sends none), and any limit is lowered to what the server says. ``--logging_level`` takes a number (20) or a name (INFO).
+rate-limit headers in any dialect, window derived (or, when no header states it, found from the
+429s, starting at the Cookbook's 1,500 RPM and 125,000 TPM), and any limit is lowered to what the
+server says. ``--logging_level`` takes a number (20) or a name (INFO).
 
 Exit status: 0 when every row has its result line (failed rows are counted in the summary);
 1 with a one-line reason when the run stopped early, when another run of the same job holds its
@@ -138,10 +139,10 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("api_key", default=None, help="API key (default: the OPENAI_API_KEY environment variable)")
     add("max_requests_per_minute", type=_limit, default=None,
         help="request limit per minute; 'inf' for none (default: learn it from the server's "
-             "x-ratelimit headers, else 1500)")
+             "rate-limit headers, window derived; else found from 429s, from 1500)")
     add("max_tokens_per_minute", type=_limit, default=None,
         help="token limit per minute; 'inf' for none (default: learn it from the server's "
-             "x-ratelimit headers, else 125000)")
+             "rate-limit headers; else found from 429s, from 125000)")
     add("token_encoding_name", default=None,
         help="tiktoken encoding for estimates (default: follow each request's model)")
     add("max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
@@ -153,7 +154,8 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("shards", type=int, default=None,
         help=f"number of shards (default: one per 8 MiB of input, at most 64; at most {MAX_SHARDS})")
     add("burst_seconds", type=float, default=1.0,
-        help="seconds of each limit the buckets may spend at once (default: %(default)s)")
+        help="the shortest window a server may count its limits in; the buckets hold this times (1 - target "
+             "utilization) seconds of each limit (default: %(default)s, so 20 ms)")
     add("target_utilization", type=float, default=0.98,
         help="share of the limits the engine aims for, leaving headroom against 429s (default: %(default)s)")
     add("request_timeout", type=float, default=300.0, help="timeout of one attempt, in seconds (default: %(default)s)")
@@ -220,7 +222,8 @@ def format_cli_summary(summary: Dict[str, Any]) -> str:
         f"{rate:,.0f} requests/min sustained{against}\n"
         f"  tokens estimated {totals['tokens_estimated']:,}; used "
         f"{totals['prompt_tokens_used'] + totals['completion_tokens_used']:,}; cost ${totals['cost_usd']:,.4f}\n"
-        f"  results: {summary['output']}"
+        + "".join(f"  limit: {text}\n" for text in summary.get("limits_in_force") or [])
+        + f"  results: {summary['output']}"
         + (f" ({summary['output_note']})" if summary.get("output_note") else "")
     )
 

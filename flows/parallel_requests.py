@@ -147,7 +147,8 @@ async def parallel_requests(
         max_attempts: how many times a request is tried, at most, on retryable failures.
         max_in_flight: how many requests may await an answer at once, across all shards.
         shards: how many shards to split the input into; None follows the input size.
-        burst_seconds: how many seconds of each limit the buckets hold (their burst).
+        burst_seconds: the shortest window the server may count its limits in; the buckets hold this
+            times (1 - target_utilization) seconds of each limit, so no such window goes over.
         target_utilization: the share of each limit the engine aims for (headroom against 429s).
         request_timeout_seconds: the timeout of one attempt.
         retry_base_seconds: the first retry's backoff; it doubles with each retry, with jitter.
@@ -335,6 +336,7 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
         max_tokens_per_minute=finite_limit(lower_limit(job.engine.max_tokens_per_minute, outcome.learned_tokens)),
         stop_reason=outcome.stop_reason, error_examples=report.invalid_line_examples + outcome.error_examples,
         duration_seconds=time.monotonic() - started, reused_rows=work.reused_rows, output_note=output_note,
+        limit_notes=outcome.limit_notes,
     )
     await publish_run_artifacts(summary)
     if summary.complete:

@@ -212,7 +212,7 @@ async def _run_one_shard(job: ShardJob, shard: ShardSpec, part_path: str, work_i
     progress = RunProgress(total_bytes=shard.end - shard.start)
     outcome = await run_shards_here(job, [shard], [part_path], work_id, progress, api_key, transport_params)
     return ShardResult(outcome.trackers[0], outcome.stop_reason, outcome.error_examples, outcome.learned_requests,
-                       outcome.learned_tokens)
+                       outcome.learned_tokens, outcome.limit_notes)
 
 
 def _write_record(part_path: str, record: Dict[str, Any]) -> None:

@@ -67,8 +67,11 @@ async def test_paces_requests_at_the_limit_without_a_burst() -> None:
 
 async def test_tokens_per_minute_limit_paces_by_tokens() -> None:
     limiter, clock = _clocked(max_requests_per_minute=None, max_tokens_per_minute=60_000, target_utilization=1.0)
-    times = _grant_times(limiter, clock, 6, tokens=200)  # 1,000 tokens per second, 1,200 tokens in all
-    assert times[-1] == pytest.approx(1.2, abs=0.002), times
+    times = _grant_times(limiter, clock, 6, tokens=200)  # 1,000 tokens per second
+    # The bucket is shallow (one token at a utilization of 1): a request bigger than it goes when it
+    # is full and leaves it in debt, so each later one waits for its own 200 tokens.
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    assert all(gap == pytest.approx(0.2, abs=0.002) for gap in gaps), times
 
 
 async def test_target_utilization_leaves_headroom() -> None:
@@ -88,9 +91,9 @@ async def test_request_above_the_token_limit_fails_at_once() -> None:
 
 async def test_request_deeper_than_the_bucket_but_within_the_limit_is_served() -> None:
     limiter, clock = _clocked(max_requests_per_minute=None, max_tokens_per_minute=600, target_utilization=1.0)
-    times = _grant_times(limiter, clock, 2, tokens=300)  # the bucket holds 10 a second: served once full
-    assert times[0] == pytest.approx(1.0, abs=0.002)
-    assert times[1] == pytest.approx(1.0 + 1.0 + 29.0, abs=0.01)  # the debt of 290 is refilled first
+    times = _grant_times(limiter, clock, 2, tokens=300)  # 10 a second into a bucket one token deep: served once full
+    assert times[0] == pytest.approx(0.1, abs=0.002)
+    assert times[1] == pytest.approx(0.1 + 0.1 + 29.9, abs=0.01)  # the debt of 299 is refilled first
 
 
 async def test_in_flight_cap_holds_across_callers() -> None:
@@ -151,43 +154,36 @@ async def test_a_cancelled_waiter_leaks_no_capacity() -> None:
 
 
 async def test_slow_down_empties_the_buckets() -> None:
-    limiter, clock = _clocked(max_requests_per_minute=6000, max_tokens_per_minute=None, target_utilization=1.0)
+    # At half the limit, two seconds of burst leave one second of depth: 50 requests.
+    limiter, clock = _clocked(max_requests_per_minute=6000, max_tokens_per_minute=None, target_utilization=0.5,
+                              burst_seconds=2.0)
     _grant_times(limiter, clock, 1)
-    clock.now += 1.0  # the bucket refills to its depth: 100 requests
+    clock.now += 1.0  # the bucket refills to its depth
     burst = _grant_times(limiter, clock, 20)
     assert burst[-1] == 0.0  # served from what the bucket held
     limiter.slow_down()
     paced = _grant_times(limiter, clock, 20)
-    assert paced[-1] == pytest.approx(0.2, abs=0.002)  # after a 429 the engine goes on at its refill rate only
-
-
-async def test_refund_returns_tokens() -> None:
-    limiter, clock = _clocked(max_requests_per_minute=None, max_tokens_per_minute=6_000, target_utilization=1.0)
-    limiter.try_acquire(0)
-    limiter.release()
-    clock.now += 1.0  # full: 100 tokens
-    assert limiter.try_acquire(100)
-    limiter.release()
-    assert not limiter.try_acquire(80)
-    limiter.refund_tokens(80)
-    assert limiter.try_acquire(80)  # at the same instant: the refund is what serves it
-    limiter.release()
+    assert paced[-1] == pytest.approx(0.4, abs=0.002)  # after a 429 the engine goes on at its refill rate only
 
 
 # Following the server's x-ratelimit-* headers
 
 
-def _limits(**values):
-    from tasks.api.api_client import ServerLimits
+def _limits(clock=None, requests=None, tokens=None):
+    """An answer's headers read into ``ServerLimits``: each scope as (limit, remaining, reset seconds)."""
+    from tasks.limits.header_dialects import LimitReading, ServerLimits
 
-    return ServerLimits(**values)
+    now = clock.now if clock is not None else asyncio.get_running_loop().time()
+    readings = {name: LimitReading(value[0], value[1], None if value[2] is None else now + value[2])
+                for name, value in (("requests", requests), ("tokens", tokens)) if value is not None}
+    return ServerLimits("x-ratelimit", now, **{name: readings.get(name) for name in ("requests", "tokens")})
 
 
 async def test_a_lower_server_limit_wins_over_the_configured_one() -> None:
     limiter, clock = _clocked(max_requests_per_minute=36_000, max_tokens_per_minute=None, target_utilization=1.0)
     _grant_times(limiter, clock, 1)
-    limiter.observe(_limits(limit_requests=1200, remaining_requests=1199, reset_requests_seconds=0.05))
-    assert limiter.learned.requests == 1200
+    limiter.observe(_limits(clock, requests=(1200, 1199, 0.05)))  # OpenAI's shape: 1,200 per minute
+    assert limiter.learned_limit("requests") == 1200
     times = _grant_times(limiter, clock, 21)  # 20 per second, not 600
     assert times[-1] >= 0.95, times[-1]
 
@@ -197,7 +193,7 @@ async def test_an_exhausted_budget_pauses_until_the_servers_reset() -> None:
     _grant_times(limiter, clock, 1)
     clock.now += 1.0
     assert limiter.try_acquire(1)
-    limiter.observe(_limits(remaining_requests=0, reset_requests_seconds=0.6))
+    limiter.observe(_limits(clock, requests=(None, 0, 0.6)))
     limiter.release()
     times = _grant_times(limiter, clock, 1)
     # The bucket may hold no more than remains less what is in flight (-1), and refills after the reset.
@@ -214,11 +210,10 @@ async def test_learning_starts_cautiously_then_adopts_the_servers_limit() -> Non
     await asyncio.sleep(0.2)
     assert not second.done()  # cautious: about one request a second until the limits are known
     limiter.release()
-    limiter.observe(_limits(limit_requests=6000, remaining_requests=5999, limit_tokens=1_000_000,
-                            remaining_tokens=999_000))
+    limiter.observe(_limits(requests=(6000, 5999, 0.01), tokens=(1_000_000, 999_000, 0.06)))
     await asyncio.wait_for(second, 0.5)
     limiter.release()
-    assert limiter.learned.requests == 6000 and limiter.token_limit == 1_000_000
+    assert limiter.learned_limit("requests") == 6000 and limiter.token_limit == 1_000_000
 
 
 async def test_learning_falls_back_to_the_cookbook_defaults_without_headers() -> None:
@@ -226,4 +221,4 @@ async def test_learning_falls_back_to_the_cookbook_defaults_without_headers() ->
     await limiter.acquire(1)
     limiter.release()
     limiter.observe(None)
-    assert limiter.learned.requests == 1500 and limiter.token_limit == 125_000
+    assert limiter.learned_limit("requests") == 1500 and limiter.token_limit == 125_000

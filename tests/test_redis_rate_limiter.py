@@ -10,7 +10,7 @@ from typing import List
 import pytest
 
 # Local application imports
-from tasks.api.api_client import ServerLimits
+from tasks.limits.header_dialects import LimitReading, ServerLimits
 from tasks.limits.rate_limiter import RequestNeverFits
 from tasks.limits.redis_engine import (
     LimiterUnavailable,
@@ -120,13 +120,14 @@ async def test_a_429_in_one_process_slows_the_other_and_learned_limits_are_share
     second = _pool(redis_url, name, rpm=None, tpm=None, learn_limits=True)
     lane_a, lane_b = first.lane_for("m", "chat/completions"), second.lane_for("m", "chat/completions")
     await lane_a.acquire(100)  # a learning bucket lets the first request go at once
-    lane_a.observe(ServerLimits(limit_requests=600, remaining_requests=599, reset_requests_seconds=0.1,
-                                limit_tokens=50_000, remaining_tokens=49_000, reset_tokens_seconds=0.1))
+    now = asyncio.get_running_loop().time()  # OpenAI's shape: 600 requests and 50,000 tokens per minute
+    lane_a.observe(ServerLimits("x-ratelimit", now, requests=LimitReading(600, 599, now + 0.1),
+                                tokens=LimitReading(50_000, 49_000, now + 1.2)))
     lane_a.release(100)
     await asyncio.sleep(0.2)  # the headers ride along within 20 ms
     await lane_b.acquire(10)  # the other process's call brings the learned limits back
     lane_b.release(10)
-    assert lane_b.learned.requests == 600 and lane_b.learned.tokens == 50_000
+    assert lane_b.learned_limit("requests") == 600 and lane_b.learned_limit("tokens") == 50_000
     with pytest.raises(RequestNeverFits):
         await lane_b.acquire(60_000)  # above the learned token limit: fails at once
 

@@ -135,3 +135,38 @@ async def test_a_token_limit_the_server_states_binds_even_with_inf_given(prefect
     # is left comes from the cautious start before the first answer (about 2-7%, as before the change).
     assert stats["rate_limited"] <= 0.15 * stats["requests"], stats
     assert len(read_jsonl(tmp_path / "tokens_results.jsonl")) == 300
+
+
+async def test_a_short_window_in_openai_names_is_derived_not_taken_per_minute(prefect_api_url, api_server,
+                                                                              tmp_path) -> None:
+    # 20 requests per fixed 2 s window, stated as x-ratelimit-limit-requests: 20 (reset "1.379s").
+    # Taken as 20 a minute, 200 rows would take 10 minutes; at the server's real rate about 20 s.
+    server = api_server(requests_per_minute=600, slice_seconds=2.0, dialect="window")
+    source = write_jsonl(tmp_path / "window.jsonl", _rows(200))
+    state, summary = await _run(requests_filepath=source, request_url=f"{server.url}/v1/chat/completions")
+    assert state.is_completed(), state.message
+    stats = server.stats()
+    assert stats["rate_limited"] <= 0.05 * stats["requests"], stats
+    assert stats["steady_per_minute"] >= 0.85 * 600, stats
+    assert summary["limits_in_force"][0] == "20 requests per 2 s (learned from x-ratelimit headers)"
+    assert len(read_jsonl(tmp_path / "window_results.jsonl")) == 200
+
+
+async def test_a_daily_budget_that_runs_out_stops_the_run_and_the_rerun_resumes(prefect_api_url, api_server,
+                                                                                tmp_path) -> None:
+    # Groq's shape: x-ratelimit-*-requests state 60 requests a day; the budget is not a rate.
+    server = api_server(requests_per_minute=3000, tokens_per_minute=900_000, dialect="groq", daily_requests=60)
+    source = write_jsonl(tmp_path / "daily.jsonl", _rows(100))
+    state, summary = await _run(requests_filepath=source, request_url=f"{server.url}/v1/chat/completions")
+    assert not state.is_completed()
+    assert "per day is spent" in summary["stop_reason"] and "UTC" in summary["stop_reason"], summary
+    stats = server.stats()
+    assert stats["accepted"] == 60 and stats["rate_limited"] <= 20, stats
+    assert any("per day" in text for text in summary["limits_in_force"]), summary
+    # The server's day is over: a new budget. The same job sends only the 40 rows left.
+    server.server.config.daily_requests = None
+    server.reset()
+    state, summary = await _run(requests_filepath=source, request_url=f"{server.url}/v1/chat/completions")
+    assert state.is_completed(), state.message
+    assert server.stats()["accepted"] == 40
+    assert len(read_jsonl(tmp_path / "daily_results.jsonl")) == 100

@@ -9,8 +9,21 @@ like the hosted API where that matters to a client:
       belongs to its own request. Usage counts tokens with tiktoken, like the real API.
     - Rate limits per minute, enforced in short fixed slices (``--slice-seconds``, 1 s by
       default), as hosted APIs may do. A request over the slice's allowance gets a 429
-      ``rate_limit_exceeded`` with type ``requests`` or ``tokens``. Every answer carries
-      ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*``.
+      ``rate_limit_exceeded`` with type ``requests`` or ``tokens``.
+    - Rate-limit headers in the dialect of a real provider (``--dialect``), each as documented:
+        * ``openai`` (default): ``x-ratelimit-*`` with the limit per minute, and remaining and
+          reset describing a bucket that refills continuously over a minute (reset: until full);
+        * ``window``: the same names, counted per slice (limit per slice, reset at its end), with
+          ``retry-after-ms`` on 429, like a server enforcing 20 requests per 2 s;
+        * ``azure``: only ``x-ratelimit-remaining-*`` per slice, ``retry-after-ms`` on 429;
+        * ``groq``: ``x-ratelimit-*-requests`` state a daily budget (``--daily-requests``), the
+          tokens per minute as OpenAI does; the request limit per minute is enforced, never stated;
+        * ``anthropic``: ``anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-*``
+          with RFC 3339 resets (until full), ``retry-after`` on 429;
+        * ``ietf``: ``RateLimit-Policy: "requests";q=N;w=S`` and ``RateLimit: "requests";r=N;t=S``;
+          ``ietf-legacy``: ``RateLimit-Limit``/``-Remaining``/``-Reset``; ``x-ratelimit-window``:
+          ``X-RateLimit-Limit: N, N;window=S`` with ``-Remaining``/``-Reset``;
+        * ``none``: no headers; a 429 carries Gemini's ``retryDelay`` in its body.
     - Errors: 400 for a malformed body or a missing model, ``messages`` or ``input``; 404 for an
       unknown path or a model named ``unknown-*``; 401 for a wrong key when ``--api-key`` is
       set; 429 ``insufficient_quota`` after ``--quota-after`` requests.
@@ -64,6 +77,8 @@ class ServerConfig:
         retry_after_seconds: when set, 429 answers carry ``retry-after-ms`` with this wait.
         seed: the seed of the fault and latency draws.
         model_limits: limits of their own for some models: {model: (requests_per_minute, tokens_per_minute)}.
+        dialect: the rate-limit header dialect (see the module docstring).
+        daily_requests: the daily request budget the ``groq`` dialect states and enforces.
     """
 
     requests_per_minute: Optional[float] = None
@@ -77,6 +92,34 @@ class ServerConfig:
     retry_after_seconds: Optional[float] = None
     seed: int = 0
     model_limits: Dict[str, Tuple[Optional[float], Optional[float]]] = field(default_factory=dict)
+    dialect: str = "openai"
+    daily_requests: Optional[int] = None
+
+
+DIALECTS = ("openai", "window", "azure", "groq", "anthropic", "ietf", "ietf-legacy", "x-ratelimit-window", "none")
+
+
+@dataclass
+class RefillingBucket:
+    """A bucket that refills continuously over ``window`` seconds up to ``limit``: what OpenAI's headers describe."""
+
+    limit: float
+    window: float
+    level: float
+    at: float
+
+    def spend(self, amount: float, now: float) -> None:
+        """Refill up to now, then take ``amount``."""
+        self.level = min(self.limit, self.level + (now - self.at) * self.limit / self.window) - amount
+        self.at = now
+
+    def remaining(self, now: float) -> float:
+        """What is left now."""
+        return max(0.0, min(self.limit, self.level + (now - self.at) * self.limit / self.window))
+
+    def seconds_until_full(self, now: float) -> float:
+        """The reset OpenAI states: how long until the bucket is full again."""
+        return (self.limit - self.remaining(now)) * self.window / self.limit
 
 
 @dataclass
@@ -92,6 +135,7 @@ class ServerStats:
     max_accepted_in_slice_by_model: Dict[str, int] = field(default_factory=dict)
     accepted_arrivals_by_model: Dict[str, List[float]] = field(default_factory=dict)
     tokens_charged: int = 0
+    rate_limited_by: collections.Counter = field(default_factory=collections.Counter)
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -106,6 +150,7 @@ class ServerStats:
             "accepted": len(accepted),
             "accepted_span_seconds": span,
             "accepted_per_minute": (len(accepted) - 1) * 60.0 / span if span > 0 else 0.0,
+            "steady_per_minute": _per_minute(accepted[len(accepted) // 10: len(accepted) - len(accepted) // 10]),
             "first_arrival": self.arrivals[0] if self.arrivals else None,
             "last_arrival": self.arrivals[-1] if self.arrivals else None,
             "max_accepted_in_slice": self.max_accepted_in_slice,
@@ -115,6 +160,7 @@ class ServerStats:
             "bodies_answered_more_than_once": sum(1 for count in self.answered_bodies.values() if count > 1),
             "answered": sum(self.answered_bodies.values()),
             "tokens_charged": self.tokens_charged,
+            "rate_limited_by": dict(self.rate_limited_by),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
         }
@@ -128,7 +174,10 @@ class OpenAITestServer:
         self.stats = ServerStats()
         self._random = random.Random(config.seed)
         self._slices: Dict[str, List[float]] = {}  # limit key -> [slice id, requests, tokens]
+        self._buckets: Dict[Tuple[str, str], RefillingBucket] = {}  # (limit key, scope) -> the stated bucket
         self._accepted_total = 0
+        if config.dialect not in DIALECTS:
+            raise ValueError(f"unknown dialect {config.dialect!r}; one of {', '.join(DIALECTS)}")
 
     def build_app(self) -> web.Application:
         """The aiohttp application."""
@@ -212,12 +261,19 @@ class OpenAITestServer:
         key, rpm, tpm = self._limits_of(model)
         current = self._slice(key, now)
         request_allowance, token_allowance = self._allowances(rpm, tpm)
+        if self.config.daily_requests is not None and self._accepted_total >= self.config.daily_requests:
+            return self._rate_limited("requests", now, model, per="day")
         if current[1] + 1 > request_allowance:
             return self._rate_limited("requests", now, model)
         if current[2] + tokens > token_allowance:
             return self._rate_limited("tokens", now, model)
         current[1] += 1
         current[2] += tokens
+        for scope, limit, amount in (("requests", rpm, 1), ("tokens", tpm, tokens)):
+            if limit:
+                self._bucket(key, scope, limit, 60.0, now).spend(amount, now)
+        if self.config.daily_requests is not None:
+            self._bucket(key, "day", float(self.config.daily_requests), 86400.0, now).spend(1, now)
         self._accepted_total += 1
         self.stats.tokens_charged += tokens
         self.stats.accepted_arrivals.append(now)
@@ -232,33 +288,95 @@ class OpenAITestServer:
         share = self.config.slice_seconds / 60.0
         return (rpm * share if rpm else math.inf), (tpm * share if tpm else math.inf)
 
-    def _rate_limited(self, scope: str, now: float, model: str) -> web.Response:
-        """A 429 in OpenAI's words, naming the limit that was hit."""
+    def _rate_limited(self, scope: str, now: float, model: str, per: str = "min") -> web.Response:
+        """A 429 in OpenAI's words, naming the limit that was hit, with the dialect's wait hint."""
         _, rpm, tpm = self._limits_of(model)
-        limit = rpm if scope == "requests" else tpm
-        unit = "requests per min (RPM)" if scope == "requests" else "tokens per min (TPM)"
-        message = f"Rate limit reached for {model} in organization org-test on {unit}: Limit {limit:.0f}."
+        limit = self.config.daily_requests if per == "day" else rpm if scope == "requests" else tpm
+        unit = {("requests", "min"): "requests per min (RPM)", ("tokens", "min"): "tokens per min (TPM)",
+                ("requests", "day"): "requests per day (RPD)"}[(scope, per)]
+        message = f"Rate limit reached for {model} in organization org-test on {unit}: Limit {limit or 0:.0f}."
+        self.stats.rate_limited_by[f"{scope} per {per}"] += 1
         headers = self._limit_headers(now, model)
-        if self.config.retry_after_seconds is not None:
+        until_slice_end = self._slice_end(now) - now
+        dialect = self.config.dialect
+        if per == "day":
+            headers["retry-after"] = str(math.ceil(86400.0 / float(self.config.daily_requests or 1)))
+        elif self.config.retry_after_seconds is not None:
             headers["retry-after-ms"] = str(int(self.config.retry_after_seconds * 1000))
-        return self._error(429, scope, "rate_limit_exceeded", message, headers)
+        elif dialect in ("window", "azure"):
+            headers["retry-after-ms"] = str(max(1, math.ceil(until_slice_end * 1000)))
+        elif dialect in ("anthropic", "ietf", "ietf-legacy", "x-ratelimit-window", "groq"):
+            headers["retry-after"] = str(max(1, math.ceil(until_slice_end)))
+        response = self._error(429, scope, "rate_limit_exceeded", message, headers)
+        if dialect == "none":  # Gemini: the wait is in the body, in RetryInfo
+            body = {"error": {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED", "details": [
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{max(1, math.ceil(until_slice_end))}s"}]}}
+            response = web.json_response(body, status=429)
+        return response
+
+    def _bucket(self, key: str, scope: str, limit: float, window: float, now: float) -> RefillingBucket:
+        """The continuously refilling bucket a dialect's headers describe, made full on first use."""
+        bucket = self._buckets.get((key, scope))
+        if bucket is None or bucket.limit != limit:
+            bucket = self._buckets[(key, scope)] = RefillingBucket(limit, window, limit, now)
+        return bucket
+
+    def _slice_end(self, now: float) -> float:
+        """When the current slice ends."""
+        return (math.floor(now / self.config.slice_seconds) + 1) * self.config.slice_seconds
 
     def _limit_headers(self, now: float, model: str) -> Dict[str, str]:
-        """OpenAI's x-ratelimit-* headers for the model's limits in the current slice."""
+        """The rate-limit headers of the configured dialect for the model's limits."""
         headers: Dict[str, str] = {"x-request-id": f"req_{self._random.getrandbits(64):016x}"}
         key, rpm, tpm = self._limits_of(model)
         current = self._slice(key, now)
-        reset = f"{max(0, int(((current[0] + 1) * self.config.slice_seconds - now) * 1000))}ms"
         request_allowance, token_allowance = self._allowances(rpm, tpm)
-        scale = 60.0 / self.config.slice_seconds
-        if rpm:
-            headers["x-ratelimit-limit-requests"] = str(int(rpm))
-            headers["x-ratelimit-remaining-requests"] = str(int(max(0, request_allowance - current[1]) * scale))
-            headers["x-ratelimit-reset-requests"] = reset
-        if tpm:
-            headers["x-ratelimit-limit-tokens"] = str(int(tpm))
-            headers["x-ratelimit-remaining-tokens"] = str(int(max(0, token_allowance - current[2]) * scale))
-            headers["x-ratelimit-reset-tokens"] = reset
+        in_slice = {"requests": (rpm, request_allowance, request_allowance - current[1]),
+                    "tokens": (tpm, token_allowance, token_allowance - current[2])}
+        until_end = self._slice_end(now) - now
+        window = self.config.slice_seconds
+        dialect = self.config.dialect
+        for scope, (per_minute, allowance, left) in in_slice.items():
+            if not per_minute:
+                continue
+            left = max(0.0, left)
+            if dialect in ("openai", "groq") and not (dialect == "groq" and scope == "requests"):
+                bucket = self._bucket(key, scope, per_minute, 60.0, now)
+                headers[f"x-ratelimit-limit-{scope}"] = str(int(per_minute))
+                headers[f"x-ratelimit-remaining-{scope}"] = str(int(bucket.remaining(now)))
+                headers[f"x-ratelimit-reset-{scope}"] = _go_duration(bucket.seconds_until_full(now))
+            elif dialect == "window":
+                headers[f"x-ratelimit-limit-{scope}"] = str(int(allowance))
+                headers[f"x-ratelimit-remaining-{scope}"] = str(int(left))
+                headers[f"x-ratelimit-reset-{scope}"] = _go_duration(until_end)
+            elif dialect == "azure":
+                headers[f"x-ratelimit-remaining-{scope}"] = str(int(left))
+            elif dialect == "anthropic":
+                bucket = self._bucket(key, scope, per_minute, 60.0, now)
+                full_at = time.time() + bucket.seconds_until_full(now)
+                names = ("requests",) if scope == "requests" else ("tokens", "input-tokens", "output-tokens")
+                for name in names:
+                    headers[f"anthropic-ratelimit-{name}-limit"] = str(int(per_minute))
+                    headers[f"anthropic-ratelimit-{name}-remaining"] = str(int(bucket.remaining(now)))
+                    headers[f"anthropic-ratelimit-{name}-reset"] = _rfc3339(full_at)
+            elif dialect == "ietf":
+                policy = f'"{scope}";q={int(allowance)};w={window:g}'
+                state = f'"{scope}";r={int(left)};t={math.ceil(until_end)}'
+                headers["RateLimit-Policy"] = ", ".join(filter(None, [headers.get("RateLimit-Policy"), policy]))
+                headers["RateLimit"] = ", ".join(filter(None, [headers.get("RateLimit"), state]))
+            elif dialect == "ietf-legacy" and scope == "requests":
+                headers["RateLimit-Limit"] = str(int(allowance))
+                headers["RateLimit-Remaining"] = str(int(left))
+                headers["RateLimit-Reset"] = str(math.ceil(until_end))
+            elif dialect == "x-ratelimit-window" and scope == "requests":
+                headers["X-RateLimit-Limit"] = f"{int(allowance)}, {int(allowance)};window={window:g}"
+                headers["X-RateLimit-Remaining"] = str(int(left))
+                headers["X-RateLimit-Reset"] = str(math.ceil(until_end))
+        if dialect == "groq" and self.config.daily_requests is not None:
+            day = self._bucket(key, "day", float(self.config.daily_requests), 86400.0, now)
+            headers["x-ratelimit-limit-requests"] = str(self.config.daily_requests)
+            headers["x-ratelimit-remaining-requests"] = str(int(day.remaining(now)))
+            headers["x-ratelimit-reset-requests"] = _go_duration(day.seconds_until_full(now))
         return headers
 
     async def _delay(self) -> None:
@@ -403,6 +521,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--quota-after", type=int, default=None, help="answer insufficient_quota after N requests")
     parser.add_argument("--retry-after", type=float, default=None, help="send retry-after-ms on 429 answers (seconds)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault and latency draws (default: 0)")
+    parser.add_argument("--dialect", default="openai", choices=DIALECTS,
+                        help="rate-limit header dialect (default: %(default)s; see the module docstring)")
+    parser.add_argument("--daily-requests", type=int, default=None,
+                        help="a daily request budget (stated by the groq dialect, enforced by all)")
     parser.add_argument("--port-file", default=None, help="write the chosen port to this file once listening")
     return parser.parse_args()
 
@@ -412,7 +534,8 @@ async def serve_forever(args: argparse.Namespace) -> None:
     config = ServerConfig(requests_per_minute=args.rpm, tokens_per_minute=args.tpm, slice_seconds=args.slice_seconds,
                           fault_rate=args.fault_rate, latency_seconds=args.latency,
                           latency_jitter_seconds=args.latency_jitter, api_key=args.api_key,
-                          quota_after=args.quota_after, retry_after_seconds=args.retry_after, seed=args.seed)
+                          quota_after=args.quota_after, retry_after_seconds=args.retry_after, seed=args.seed,
+                          dialect=args.dialect, daily_requests=args.daily_requests)
     app, _ = build_application(config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -435,6 +558,23 @@ async def serve_forever(args: argparse.Namespace) -> None:
 async def _call(function: Any) -> Any:
     """Run a plain function on the server's loop."""
     return function()
+
+
+def _go_duration(seconds: float) -> str:
+    """A duration the way OpenAI writes it: "12ms", "1.379s", "6m0s"."""
+    if seconds < 1.0:
+        return f"{int(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60.0)
+    hours, minutes = divmod(int(minutes), 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    return f"{minutes}m{text}" if minutes else text
+
+
+def _rfc3339(epoch: float) -> str:
+    """An RFC 3339 time in UTC, to the second, as Anthropic sends it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(epoch)))
 
 
 def _per_minute(times: List[float]) -> float:

@@ -15,7 +15,7 @@ next. It looks at the HTTP status and at the error body, not at one magic string
     ===============================================  =====================================
 
 The wait hint of a 429 comes from ``retry-after-ms``, ``Retry-After`` (seconds or an HTTP
-date), or ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens`` (``1s``, ``6m0s``,
+date), a Gemini-style ``retryDelay`` in the error body, or ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens`` (``1s``, ``6m0s``,
 ``83ms``, or plain seconds), in that order. A wait the server asks for is capped at
 ``MAX_SERVER_WAIT_SECONDS``, so a broken or hostile header cannot park a request for days.
 
@@ -39,10 +39,8 @@ Usage:
 
 # Standard library imports
 import asyncio
-import email.utils
 import enum
 import random
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
@@ -51,7 +49,10 @@ from typing import Any, Dict, Mapping, Optional
 import aiohttp
 
 # Local application imports
+from tasks.limits.header_dialects import ServerLimits, parse_duration, read_limits, retry_hint
 from tasks.requests import fast_json
+
+__all__ = ["ApiClient", "ApiResult", "Outcome", "ServerLimits", "decide", "parse_duration", "retry_after_seconds"]
 
 # Statuses that are worth another attempt besides 5xx.
 RETRYABLE_STATUSES = frozenset({408, 409})
@@ -59,9 +60,6 @@ RETRYABLE_STATUSES = frozenset({408, 409})
 STOPPING_STATUSES = frozenset({401, 403})
 # Error codes of a 429 that mean "out of money", not "too fast".
 QUOTA_ERROR_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"})
-# One part of a Go-style duration such as "6m0s" or "83ms".
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
-_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 # The longest wait a server's Retry-After or reset header can ask of one request.
 MAX_SERVER_WAIT_SECONDS = 120.0
 
@@ -74,27 +72,6 @@ class Outcome(enum.Enum):
     RETRY = "retry"
     INVALID = "invalid"
     STOP = "stop"
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """What a response's ``x-ratelimit-*`` headers say (None where a header is absent).
-
-    Attributes:
-        limit_requests: the request limit per minute.
-        remaining_requests: requests left before the limit is reached.
-        reset_requests_seconds: seconds until the request budget is whole again.
-        limit_tokens: the token limit per minute.
-        remaining_tokens: tokens left.
-        reset_tokens_seconds: seconds until the token budget is whole again.
-    """
-
-    limit_requests: Optional[float] = None
-    remaining_requests: Optional[float] = None
-    reset_requests_seconds: Optional[float] = None
-    limit_tokens: Optional[float] = None
-    remaining_tokens: Optional[float] = None
-    reset_tokens_seconds: Optional[float] = None
 
 
 @dataclass
@@ -184,22 +161,10 @@ def decide(status: int, raw: bytes, headers: Mapping[str, str], api_key: Optiona
         The decided result.
     """
     result = _decide_outcome(status, raw, headers, api_key)
-    result.limits = server_limits(headers)
+    result.limits = read_limits(headers, time.monotonic(), time.time())
     if result.error:
         result.error = redact(result.error, api_key)
     return result
-
-
-def server_limits(headers: Mapping[str, str]) -> Optional[ServerLimits]:
-    """Read OpenAI's ``x-ratelimit-*`` headers; None when the answer has none."""
-    values = {}
-    for scope in ("requests", "tokens"):
-        values[f"limit_{scope}"] = _number(headers.get(f"x-ratelimit-limit-{scope}"))
-        values[f"remaining_{scope}"] = _number(headers.get(f"x-ratelimit-remaining-{scope}"))
-        values[f"reset_{scope}_seconds"] = parse_duration(headers.get(f"x-ratelimit-reset-{scope}"))
-    if all(value is None for value in values.values()):
-        return None
-    return ServerLimits(**values)
 
 
 def _decide_outcome(status: int, raw: bytes, headers: Mapping[str, str], api_key: Optional[str]) -> ApiResult:
@@ -232,7 +197,7 @@ def _decide_outcome(status: int, raw: bytes, headers: Mapping[str, str], api_key
         if code in QUOTA_ERROR_CODES or kind in QUOTA_ERROR_CODES:
             return ApiResult(Outcome.STOP, status, body, error, cause="insufficient_quota", request_id=request_id)
         return ApiResult(Outcome.RATE_LIMITED, status, body, error, cause="rate_limited",
-                         retry_after=retry_after_seconds(headers), request_id=request_id,
+                         retry_after=retry_after_seconds(headers, body), request_id=request_id,
                          rate_limit_scope=_rate_limit_scope(kind, message))
     if 300 <= status < 400:
         location = headers.get("location", "")
@@ -247,51 +212,20 @@ def _decide_outcome(status: int, raw: bytes, headers: Mapping[str, str], api_key
     return ApiResult(Outcome.INVALID, status, body, error, cause=f"http_{status}", request_id=request_id)
 
 
-def retry_after_seconds(headers: Mapping[str, str]) -> Optional[float]:
+def retry_after_seconds(headers: Mapping[str, str], body: Any = None) -> Optional[float]:
     """The wait a server asks for, in seconds (at most ``MAX_SERVER_WAIT_SECONDS``), or None when it says nothing usable."""
-    wait = _requested_wait(headers)
+    wait = _requested_wait(headers, body)
     return None if wait is None else min(wait, MAX_SERVER_WAIT_SECONDS)
 
 
-def _requested_wait(headers: Mapping[str, str]) -> Optional[float]:
-    """The wait a server's headers ask for, uncapped."""
-    milliseconds = headers.get("retry-after-ms")
-    if milliseconds:
-        try:
-            return max(0.0, float(milliseconds) / 1000.0)
-        except ValueError:
-            pass
-    retry_after = headers.get("retry-after")
-    if retry_after:
-        try:
-            return max(0.0, float(retry_after))
-        except ValueError:
-            try:
-                moment = email.utils.parsedate_to_datetime(retry_after)
-                return max(0.0, moment.timestamp() - time.time())
-            except (TypeError, ValueError):
-                pass
+def _requested_wait(headers: Mapping[str, str], body: Any = None) -> Optional[float]:
+    """The wait a server's answer asks for, uncapped: its retry hint, else the longer of OpenAI's resets."""
+    wait = retry_hint(headers, body, time.time())
+    if wait is not None:
+        return wait
     resets = [parse_duration(headers.get(name)) for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
     known = [value for value in resets if value is not None]
     return max(known) if known else None
-
-
-def parse_duration(text: Optional[str]) -> Optional[float]:
-    """Parse "1s", "6m0s", "83ms", "1h2m3.5s" or plain seconds ("0.5") into seconds."""
-    if not text:
-        return None
-    text = text.strip()
-    try:
-        return max(0.0, float(text))
-    except ValueError:
-        pass
-    position, total = 0, 0.0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != position:
-            return None
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        position = match.end()
-    return total if position == len(text) and position > 0 else None
 
 
 def backoff_seconds(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:

@@ -1,20 +1,17 @@
-"""What both engines know of limits: the ones a server's headers state, the fallbacks, and the never-fits check.
+"""The small rules both engines share: where learning starts, the fallbacks, and the never-fits check.
 
 The in-process engine (``tasks.limits.rate_limiter``) and the Redis engine
-(``tasks.limits.redis_engine``) learn limits the same way, from the same rules, here.
+(``tasks.limits.redis_engine``) use these, and learn limits through ``tasks.limits.limit_learning``.
 
 Usage:
-    >>> learned = LearnedLimits()
-    >>> learned.learn_from(server_limits, configured={"requests": None, "tokens": 1e6}, learn=True)
-    ['requests']                                  # the scopes whose learned limit changed
-    >>> learned.in_force("tokens", 1e6)           # the lower of configured and learned
     >>> check_fits(tokens=9_000, token_limit=8_000)   # raises RequestNeverFits
+    >>> lower_limit(6_000, None)                      # 6000: None means no limit
+    >>> learning_start("requests")                    # 60.0 per minute until the first answer
 """
 
 # Standard library imports
 import math
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Optional
 
 # Where a learning bucket starts, before the first answer says the server's limits.
 LEARNING_REQUESTS_PER_MINUTE = 60.0
@@ -51,69 +48,6 @@ def finite_limit(limit: Optional[float]) -> Optional[float]:
     return None if limit is None or math.isinf(limit) else limit
 
 
-def limit_when_unsaid(limits: Any, scope: str) -> float:
-    """The per-minute limit to assume for ``scope`` ("requests" or "tokens") when an answer states none.
-
-    A server that states its limit of the other kind has no limit of this kind (math.inf). A
-    server that states no limit at all (or sends only remaining counts, as Azure does) gets the
-    Cookbook's defaults.
-    """
-    other = "tokens" if scope == "requests" else "requests"
-    if getattr(limits, f"limit_{other}", None):
-        return math.inf
-    return FALLBACK_REQUESTS_PER_MINUTE if scope == "requests" else FALLBACK_TOKENS_PER_MINUTE
-
-
 def learning_start(scope: str) -> float:
     """The cautious rate a limit still to be learned starts at."""
     return LEARNING_REQUESTS_PER_MINUTE if scope == "requests" else LEARNING_TOKENS_PER_MINUTE
-
-
-@dataclass
-class LearnedLimits:
-    """The per-minute limits the server stated for one lane (None: not stated, or not yet heard).
-
-    Attributes:
-        requests: the request limit learned.
-        tokens: the token limit learned.
-    """
-
-    requests: Optional[float] = None
-    tokens: Optional[float] = None
-
-    def get(self, scope: str) -> Optional[float]:
-        """The learned limit of ``scope``."""
-        return getattr(self, scope)
-
-    def set(self, scope: str, value: float) -> bool:
-        """Learn ``value`` for ``scope``; True when that changed it."""
-        if getattr(self, scope) == value:
-            return False
-        setattr(self, scope, value)
-        return True
-
-    def learn_from(self, limits: Any, configured: Dict[str, Optional[float]], learn: bool) -> List[str]:
-        """Follow one answer's ``ServerLimits`` (None: the answer had no such headers).
-
-        A stated limit is learned. A limit the server does not state, with none configured and
-        ``learn`` on, becomes ``limit_when_unsaid`` once.
-
-        Returns:
-            The scopes whose learned limit changed.
-        """
-        changed = []
-        for scope in SCOPES:
-            stated = getattr(limits, f"limit_{scope}", None)
-            if stated:
-                value: Optional[float] = float(stated)
-            elif self.get(scope) is None and learn and configured.get(scope) is None:
-                value = limit_when_unsaid(limits, scope)
-            else:
-                value = None
-            if value is not None and self.set(scope, value):
-                changed.append(scope)
-        return changed
-
-    def in_force(self, scope: str, configured: Optional[float]) -> Optional[float]:
-        """The limit in force for ``scope``: the lower of the configured and the learned one."""
-        return lower_limit(configured, self.get(scope))

@@ -7,10 +7,10 @@ slot. It gives the slot back when the answer has arrived.
 Features:
     - Two token buckets (requests per minute, tokens per minute). They refill at
       ``target_utilization`` of each limit (98% by default): at exactly 100%, network jitter
-      at the edges of the server's one-second slices earns about 1% of 429s. Each bucket is
-      deep enough for about ``burst_seconds`` of its limit, one second by default. Hosted APIs enforce
-      per-minute limits in short slices, so the engine never sends a whole minute's worth at
-      once. The buckets start empty, so a run does not open with a burst either.
+      at the edges of the server's one-second slices earns about 1% of 429s. They are shallow
+      (``token_bucket.depth_seconds``: ``burst_seconds`` times the headroom, 20 ms by default, at
+      least one unit), so the catch-up after a lull never pushes a window of ``burst_seconds`` or
+      more over the limit. The buckets start empty, so a run does not open with a burst either.
     - A cap on requests in flight.
     - Waiting is event-driven, with no polling loop. Waiters queue first in, first out. The
       head of the queue is granted as soon as the buckets can serve it: either one timer is
@@ -19,15 +19,16 @@ Features:
       from a full bucket and leaves it in debt. A request whose estimate is above the
       per-minute token limit can never be served, so it fails at once with
       ``RequestNeverFits`` instead of waiting forever.
-    - ``slow_down()`` empties the buckets after a 429, so the engine goes on only at its
-      refill rate. It slows the engine; it does not freeze it for a fixed time.
-    - ``observe()`` follows the server's ``x-ratelimit-*`` headers on every answer. The rate
-      becomes the lower of the configured limit and the server's. A bucket never holds more
-      than the server says remains, less what is in flight. An exhausted budget pauses its
-      bucket until the server's reset. With ``learn_limits`` and no configured limit, a bucket
-      starts cautiously (one request, then one a second) until the first answer says the real
-      limit. Without such headers it falls back to the Cookbook's defaults.
-    - ``refund_tokens()`` gives back what a request reserved but did not use.
+    - ``observe()`` follows the server's rate-limit headers (any dialect, read by
+      ``header_dialects``) on every answer; ``limit_learning.LaneLimits`` turns them into a rate
+      (the window derived, never assumed), or finds a limit no header states from the 429s. The
+      rate becomes the lower of the configured limit and the server's. A bucket never holds more
+      than the server says remains, less what is in flight; a spent budget pauses its bucket until
+      one more unit is free (a continuous bucket) or the window's reset. With ``learn_limits`` and
+      no configured limit, a bucket starts cautiously (one request, then one a second) until the
+      first answer tells the limits.
+    - ``slow_down()`` after a 429 empties the buckets, pauses them for the wait the server asked
+      for, and cuts a limit found from 429s.
 
 Usage:
     >>> limiter = RateLimiter(max_requests_per_minute=6_000, max_tokens_per_minute=1_000_000,
@@ -47,19 +48,25 @@ Pitfalls:
 import asyncio
 import collections
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Deque, Dict, Optional, Protocol, Tuple
+from typing import Any, AsyncIterator, Callable, Deque, Dict, List, Optional, Protocol, Tuple
 
 # Local application imports
 from tasks.limits.learned_limits import (
     LEARNING_REQUESTS_PER_MINUTE,
     LEARNING_TOKENS_PER_MINUTE,
-    LearnedLimits,
     RequestNeverFits,
     check_fits,
 )
-from tasks.limits.token_bucket import TokenBucket
+from tasks.limits.limit_learning import LaneLimits
+from tasks.limits.token_bucket import TokenBucket, depth_seconds
+
+LOGGER = logging.getLogger(__name__)
+
+# The longest a bucket is paused for what the server says (a reset or a Retry-After).
+MAX_PAUSE_SECONDS = 120.0
 
 __all__ = ["Lane", "RateLimiter", "RateLimiterPool", "RequestLane", "RequestNeverFits", "TokenBucket"]
 
@@ -94,7 +101,7 @@ class RateLimiter:
     learn_limits: bool = False
     in_flight: int = field(default=0, init=False)
     tokens_in_flight: float = field(default=0.0, init=False)
-    learned: LearnedLimits = field(default_factory=LearnedLimits, init=False)
+    limits: LaneLimits = field(init=False, repr=False)
     answered: bool = field(default=False, init=False)
     clock: Optional[Callable[[], float]] = field(default=None, repr=False)
     _requests: Optional[TokenBucket] = field(default=None, init=False, repr=False)
@@ -114,6 +121,9 @@ class RateLimiter:
             raise ValueError(f"burst_seconds must be positive, got {self.burst_seconds!r}")
         if not 0 < self.target_utilization <= 1:
             raise ValueError(f"target_utilization must be above 0 and at most 1, got {self.target_utilization!r}")
+        self.limits = LaneLimits({"requests": self.max_requests_per_minute, "tokens": self.max_tokens_per_minute},
+                                 learn=self.learn_limits)
+        self._depth = depth_seconds(self.burst_seconds, self.target_utilization)
 
     @contextlib.asynccontextmanager
     async def reserve(self, tokens: float) -> AsyncIterator[None]:
@@ -177,7 +187,7 @@ class RateLimiter:
     @property
     def token_limit(self) -> Optional[float]:
         """The token limit per minute in force: configured, learned from the server, or None."""
-        return self.learned.in_force("tokens", self.max_tokens_per_minute)
+        return self.limits.in_force("tokens")
 
     @property
     def limits_tokens(self) -> bool:
@@ -193,45 +203,52 @@ class RateLimiter:
         limit = self.max_tokens_per_minute
         return (limit is None and self.learn_limits) or (limit is not None and not math.isinf(limit))
 
-    def observe(self, limits: Any) -> None:
-        """Follow an answer's ``x-ratelimit-*`` headers (a ``ServerLimits``), or their absence (None)."""
+    def observe(self, limits: Any, rate_limited: bool = False) -> None:
+        """Follow an answer's rate-limit headers (a ``ServerLimits``, or None without any).
+
+        ``rate_limited`` says the answer was a 429 (``slow_down`` follows); any other answer lets a
+        limit found from 429s grow.
+        """
         self._bind_loop()
         self.answered = True
-        if limits is None and not self._still_learning:
-            return  # no headers, and nothing left to learn from their absence
+        if limits is None and not self.limits.adaptive and not self._still_learning:
+            return  # no headers, and nothing to learn from their absence
         now = self._now()
-        configured = {"requests": self.max_requests_per_minute, "tokens": self.max_tokens_per_minute}
-        buckets = {"requests": self._requests, "tokens": self._tokens}
-        for scope in self.learned.learn_from(limits, configured, self.learn_limits):
-            self._set_bucket_rate(buckets[scope], self.learned.in_force(scope, configured[scope]), now)
-        for scope, bucket in buckets.items():
-            assert bucket is not None
-            remaining = getattr(limits, f"remaining_{scope}", None)
-            reset = getattr(limits, f"reset_{scope}_seconds", None)
-            if remaining is not None and not bucket.unlimited:
+        self._follow(self.limits.observe(limits, now, rate_limited), now)
+        if limits is not None:
+            for scope, bucket in (("requests", self._requests), ("tokens", self._tokens)):
+                learner = self.limits.reading_for(scope)
+                latest = learner.latest if learner is not None else None
+                if latest is None or latest.at != limits.observed_at or bucket is None or bucket.unlimited:
+                    continue
                 reserved = self.in_flight if scope == "requests" else self.tokens_in_flight
                 bucket.refill(now)
-                bucket.cap_level(remaining - reserved)
-                if remaining <= reserved and reset:
-                    bucket.pause(now + reset)
+                bucket.cap_level(latest.remaining - reserved)  # never more than the server says remains
+                if latest.remaining <= reserved:
+                    wait = learner.wait_for_one(now)  # type: ignore[union-attr]
+                    if wait:
+                        bucket.pause(now + min(wait, MAX_PAUSE_SECONDS))
         if self._waiters:
             self._dispatch()
 
-    def slow_down(self, requests: bool = True, tokens: bool = True) -> None:
-        """Empty the buckets after a rate-limit answer, so dispatching goes on only at the refill rate."""
+    def slow_down(self, requests: bool = True, tokens: bool = True, wait: Optional[float] = None) -> None:
+        """After a 429: empty the buckets it names, pause them for the wait the server asked for, cut a limit found from 429s."""
         self._bind_loop()
         now = self._now()
+        scope = None if requests and tokens else "requests" if requests else "tokens"
+        self._follow(self.limits.rate_limited(scope, wait, now), now)
+        if wait is None:
+            wait = self.limits.backoff_seconds(scope)  # 429s in a row that name no wait: hold back more
         for wanted, bucket in ((requests, self._requests), (tokens, self._tokens)):
             if wanted and bucket is not None:
                 bucket.refill(now)
                 bucket.empty()
+                if wait:
+                    bucket.pause(now + min(wait, MAX_PAUSE_SECONDS))
 
-    def refund_tokens(self, tokens: float) -> None:
-        """Give back tokens that were reserved but not used (the estimate was too high)."""
-        if tokens > 0 and self._tokens is not None:
-            self._tokens.give_back(tokens)
-            if self._waiters:
-                self._dispatch()
+    def learned_limit(self, scope: str) -> Optional[float]:
+        """The per-minute limit learned for ``scope`` from the server (headers or 429s), if any."""
+        return self.limits.per_minute(scope)
 
     # Helpers
 
@@ -246,25 +263,34 @@ class RateLimiter:
     def _new_bucket(self, configured: Optional[float], learning_start: float, now: float) -> TokenBucket:
         """A bucket for a configured limit; with none, a cautious learning one or an unlimited one."""
         if configured is None and self.learn_limits:
-            bucket = TokenBucket.per_minute(learning_start, self.burst_seconds, now)
+            bucket = TokenBucket.per_minute(learning_start, self._depth, now)
             bucket.level = bucket.capacity  # the first request goes at once: its answer tells the limits
             return bucket
-        return TokenBucket.per_minute(self._target(configured), self.burst_seconds, now)
+        return TokenBucket.per_minute(self._target(configured), self._depth, now)
 
     @property
     def _still_learning(self) -> bool:
-        """True while a limit that was not given has not been learned yet."""
-        return self.learn_limits and ((self.max_requests_per_minute is None and self.learned.requests is None)
-                                      or (self.max_tokens_per_minute is None and self.learned.tokens is None))
+        """True while no answer has told what the limits not given are."""
+        return self.learn_limits and not self.limits.heard
+
+    def _follow(self, changed: List[str], now: float) -> None:
+        """Make the buckets of the scopes whose learned limit changed follow the limit now in force."""
+        buckets = {"requests": self._requests, "tokens": self._tokens}
+        for scope in changed:
+            limit = self.limits.in_force(scope)
+            bucket = buckets[scope]
+            if bucket is None:
+                continue
+            if limit is None or math.isinf(limit):
+                if self.limits.configured.get(scope) is None:  # the server states no such limit: none
+                    bucket.set_rate(math.inf, self._depth, now)
+                continue
+            bucket.set_rate(limit * self.target_utilization, self._depth, now)
+            LOGGER.debug("%s limit in force: %s", scope, self.limits.describe(scope))
 
     def _now(self) -> float:
         """The engine's time: the injected clock, else the event loop's."""
         return self.clock() if self.clock is not None else self._loop.time()  # type: ignore[union-attr]
-
-    def _set_bucket_rate(self, bucket: Optional[TokenBucket], limit: Optional[float], now: float) -> None:
-        """Make a bucket follow a (new) per-minute limit."""
-        if bucket is not None and limit is not None:
-            bucket.set_rate(limit * self.target_utilization, self.burst_seconds, now)
 
     def _target(self, limit: Optional[float]) -> Optional[float]:
         """The rate the buckets aim for: the limit times the target utilization."""
@@ -279,6 +305,7 @@ class RateLimiter:
         self._requests.refill(now)
         self._tokens.refill(now)
         if self._requests.seconds_until_available(1, now) > 0 or self._tokens.seconds_until_available(tokens, now) > 0:
+            self._held_back(tokens, now)
             return False
         self._requests.take(1)
         self._tokens.take(tokens)
@@ -304,6 +331,7 @@ class RateLimiter:
                 self._tokens.seconds_until_available(waiter.tokens, now),
             )
             if delay > 0:
+                self._held_back(waiter.tokens, now)
                 self._set_timer(delay)
                 return
             self._waiters.popleft()
@@ -312,6 +340,14 @@ class RateLimiter:
             self.in_flight += 1
             self.tokens_in_flight += waiter.tokens
             waiter.future.set_result(None)
+
+    def _held_back(self, tokens: float, now: float) -> None:
+        """Note which bucket held a request back: a limit found from 429s grows only while it is the bottleneck."""
+        assert self._requests is not None and self._tokens is not None
+        if self._requests.seconds_until_available(1, now) > 0:
+            self.limits.held_back("requests", now)
+        if self._tokens.seconds_until_available(tokens, now) > 0:
+            self.limits.held_back("tokens", now)
 
     def _set_timer(self, delay: float) -> None:
         """Set the single wake-up timer ``delay`` seconds from now, replacing an older one."""
@@ -359,7 +395,7 @@ class RequestLane:
 
     def learned_limit(self, scope: str) -> Optional[float]:
         """The limit the server said for ``scope`` ("requests" or "tokens"), if any."""
-        return self.buckets.learned.get(scope)
+        return self.buckets.learned_limit(scope)
 
     @property
     def limits_tokens(self) -> bool:
@@ -371,17 +407,21 @@ class RequestLane:
         self.in_flight.release()
         self.buckets.release(tokens)
 
-    def observe(self, limits: Any) -> None:
+    def observe(self, limits: Any, rate_limited: bool = False) -> None:
         """Follow an answer's headers for this model."""
-        self.buckets.observe(limits)
+        self.buckets.observe(limits, rate_limited)
 
-    def slow_down(self, requests: bool = True, tokens: bool = True) -> None:
-        """Empty this model's buckets after a 429."""
-        self.buckets.slow_down(requests, tokens)
+    def slow_down(self, requests: bool = True, tokens: bool = True, wait: Optional[float] = None) -> None:
+        """Empty (and pause for ``wait``) this model's buckets after a 429."""
+        self.buckets.slow_down(requests, tokens, wait)
 
-    def refund_tokens(self, tokens: float) -> None:
-        """Give this model's token bucket back what a request did not use."""
-        self.buckets.refund_tokens(tokens)
+    def budget_exhausted(self) -> Optional[str]:
+        """A message when a budget the server states (a daily one) is spent, else None."""
+        return self.buckets.limits.budget_exhausted(self.buckets._now())
+
+    def limits_note(self) -> List[str]:
+        """The limits in force and the budgets stated, in words, for the summary."""
+        return self.buckets.limits.notes()
 
 
 class Lane(Protocol):
@@ -403,14 +443,18 @@ class Lane(Protocol):
     def release(self, tokens: float = 0.0) -> None:
         """Give back the request's in-flight slot once its answer has arrived."""
 
-    def observe(self, limits: Any) -> None:
-        """Follow an answer's ``x-ratelimit-*`` headers (or their absence: None)."""
+    def observe(self, limits: Any, rate_limited: bool = False) -> None:
+        """Follow an answer's rate-limit headers (or their absence: None); ``rate_limited`` for a 429."""
 
-    def slow_down(self, requests: bool = True, tokens: bool = True) -> None:
-        """Empty the buckets after a 429."""
+    def slow_down(self, requests: bool = True, tokens: bool = True, wait: Optional[float] = None) -> None:
+        """Empty the buckets after a 429 (and pause them for the ``wait`` the server asked for)."""
 
-    def refund_tokens(self, tokens: float) -> None:
-        """Give the token bucket back what a request reserved but did not use."""
+    def budget_exhausted(self) -> Optional[str]:
+        """A message when a budget the server states (a daily one) is spent, else None."""
+
+    def limits_note(self) -> List[str]:
+        """The limits in force and the budgets stated, in words, for the summary."""
+
 
     def learned_limit(self, scope: str) -> Optional[float]:
         """The limit the server said for ``scope`` ("requests" or "tokens"), if any."""
@@ -418,6 +462,15 @@ class Lane(Protocol):
     @property
     def limits_tokens(self) -> bool:
         """True when a token limit applies or is still to be learned, so requests need token estimates."""
+
+
+def limit_notes(lanes: Dict[Tuple[str, str], Lane]) -> List[str]:
+    """What each lane says of its limits; prefixed by model and endpoint when there are several lanes."""
+    notes = []
+    for (model, endpoint), lane in lanes.items():
+        for text in lane.limits_note():
+            notes.append(f"{model} {endpoint}: {text}" if len(lanes) > 1 else text)
+    return notes
 
 
 @dataclass
@@ -481,6 +534,10 @@ class RateLimiterPool:
     def usage_note(self) -> Optional[str]:
         """A line on how the engine was used, for the log (None: nothing to say)."""
         return None
+
+    def limit_notes(self) -> List[str]:
+        """The limits in force and where each came from, per lane, in words (for the summary)."""
+        return limit_notes(self._lanes)
 
     async def check(self) -> None:
         """Nothing to check: the engine lives in this process (the Redis engine pings its server here)."""

@@ -38,8 +38,10 @@ How a request gets its capacity:
     - In-flight slots are leases: each process's counts are kept under its own name, with a heartbeat
       (every call, and every ``lease_seconds / 3`` while it holds slots). When a process dies, its
       heartbeat expires after ``lease_seconds`` and the next call of any process frees what it held.
-    - The limits learned from the server's headers are stored beside the buckets, so every process
-      follows them, and a 429 seen by one process slows them all.
+    - Each process learns limits from its own answers (``limit_learning.LaneLimits``: the window
+      behind any header dialect, budgets, limits found from 429s), by the rules the in-process
+      engine uses. What it learned is stored beside the buckets, so a process that learned nothing
+      yet follows it, and a 429 seen by one process empties the buckets for all.
 
 Usage:
     >>> pool = RedisRateLimiterPool(6_000, 1_000_000, url="redis://127.0.0.1:6379/0",
@@ -52,7 +54,7 @@ Usage:
 Pitfalls:
     - A lane binds to the event loop it is first used on, like the in-process engine.
     - Every process sharing an identity should give the same limits: the buckets follow the limits
-      of the latest call. The learned limits are shared and win when lower.
+      of the latest call; a process follows what it learned itself first, else what another learned.
     - Redis's clock (``TIME``) is the only clock the buckets use, so machines need not agree on time.
 """
 
@@ -64,9 +66,10 @@ import logging
 import math
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Deque, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 # Third-party imports
@@ -74,11 +77,13 @@ import redis.asyncio as redis_asyncio
 from redis.exceptions import RedisError
 
 # Local application imports
-from tasks.limits.learned_limits import SCOPES, LearnedLimits, check_fits, finite_limit, learning_start, lower_limit
+from tasks.limits.learned_limits import SCOPES, check_fits, finite_limit, learning_start
+from tasks.limits.limit_learning import LaneLimits
 from tasks.limits.pending_changes import ABSENT, HeaderReport, PendingChanges
-from tasks.limits.rate_limiter import RateLimiterPool
+from tasks.limits.rate_limiter import RateLimiterPool, limit_notes
 from tasks.limits.redis_script import EngineScript, LaneKeys, ScriptCall, ScriptReply
 from tasks.limits.reservations import ReservationBook, Waiter
+from tasks.limits.token_bucket import depth_seconds
 
 LOGGER = logging.getLogger(__name__)
 # How many waiting requests one call asks for.
@@ -138,7 +143,8 @@ class RedisLane:
 
     Attributes:
         max_requests_per_minute, max_tokens_per_minute: the configured limits (None: none).
-        learned: what the server's headers said (here or in any other process sharing the identity).
+        limits: what this process learned of the server's limits (headers and 429s), by the rules the
+            in-process engine uses too; ``shared`` holds what other processes sharing the identity learned.
     """
 
     def __init__(self, pool: "RedisRateLimiterPool", lane_key: str, max_requests_per_minute: Optional[float],
@@ -147,7 +153,9 @@ class RedisLane:
         self.keys = LaneKeys.of(pool.key, lane_key)
         self.max_requests_per_minute = max_requests_per_minute
         self.max_tokens_per_minute = max_tokens_per_minute
-        self.learned = LearnedLimits()
+        self.limits = LaneLimits({"requests": max_requests_per_minute, "tokens": max_tokens_per_minute},
+                                 learn=pool.learn_limits)
+        self.shared: Dict[str, float] = {}
         self._waiters: Deque[Waiter] = collections.deque()
         # Waiters that gave up a late reservation, back to the head of the line between two calls
         # (during a call, the head of the line is the batch the reply is for).
@@ -200,32 +208,46 @@ class RedisLane:
         many = self._changes.released_requests >= max(1, self.pool.max_in_flight // 10)
         self._changed(FLUSH_SECONDS if many else RELEASE_FLUSH_SECONDS)
 
-    def observe(self, limits: Any) -> None:
-        """Follow an answer's headers (a ``ServerLimits``), or their absence (None)."""
-        configured = {"requests": self.max_requests_per_minute, "tokens": self.max_tokens_per_minute}
-        if self.learned.learn_from(limits, configured, self.pool.learn_limits):
-            self._ask_again_now()  # a wait reckoned at the cautious learning rate is too long now
-        reports = [HeaderReport(*(_absent_if_none(getattr(limits, f"{name}_{scope}", None)) for name in
-                                  ("limit", "remaining", "reset"))) for scope in SCOPES] if limits else []
+    def observe(self, limits: Any, rate_limited: bool = False) -> None:
+        """Follow an answer's rate-limit headers (a ``ServerLimits``), or their absence (None)."""
+        now = self._now()
+        if self.limits.observe(limits, now, rate_limited):
+            self._ask_again_now()  # a wait reckoned at an older rate is wrong now
+        if limits is None:
+            return
+        reports = []
+        for scope in SCOPES:
+            learner = self.limits.reading_for(scope)
+            latest = learner.latest if learner is not None else None
+            learned = self.limits.per_minute(scope)
+            if latest is None or latest.at != limits.observed_at:
+                reports.append(HeaderReport(limit=_absent_if_none(learned)))
+                continue
+            wait = learner.wait_for_one(now) if learner is not None else None
+            reports.append(HeaderReport(_absent_if_none(learned), latest.remaining, _absent_if_none(wait)))
         if any(report.says_anything for report in reports):
             self._changes.headers(*reports)
             self._changed()
 
-    def slow_down(self, requests: bool = True, tokens: bool = True) -> None:
-        """Empty the shared buckets after a 429 (every process slows down)."""
+    def slow_down(self, requests: bool = True, tokens: bool = True, wait: Optional[float] = None) -> None:
+        """Empty the shared buckets after a 429 (every process slows down); cut a limit found from 429s."""
+        scope = None if requests and tokens else "requests" if requests else "tokens"
+        self.limits.rate_limited(scope, wait, self._now())
         self._changes.slow(requests, tokens)
         self._changed()
 
-    def refund_tokens(self, tokens: float) -> None:
-        """Give the shared token bucket back what a request reserved but did not use."""
-        if tokens > 0:
-            self._changes.refund(tokens)
-            self._changed(RELEASE_FLUSH_SECONDS)
-
     def learned_limit(self, scope: str) -> Optional[float]:
-        """The limit the server said for ``scope`` ("requests" or "tokens"), if any."""
-        return self.learned.get(scope)
+        """The per-minute limit learned for ``scope`` (here, or by another process sharing the identity), if any."""
+        own = self.limits.per_minute(scope)
+        return own if own is not None else self.shared.get(scope)
 
+    def budget_exhausted(self) -> Optional[str]:
+        """A message when a budget the server states (a daily one) is spent, else None."""
+        return self.limits.budget_exhausted(self._now())
+
+    def limits_note(self) -> List[str]:
+        """The limits in force and the budgets stated, in words, for the summary."""
+        return self.limits.notes()
 
     @property
     def forfeited(self) -> int:
@@ -235,7 +257,7 @@ class RedisLane:
     @property
     def token_limit(self) -> Optional[float]:
         """The token limit per minute in force, or None."""
-        return lower_limit(finite_limit(self.max_tokens_per_minute), self.learned.tokens)
+        return finite_limit(self._limit_in_force("tokens"))
 
     @property
     def limits_tokens(self) -> bool:
@@ -307,17 +329,25 @@ class RedisLane:
             if timer is not None:
                 timer.cancel()
 
+    def _limit_in_force(self, scope: str) -> Optional[float]:
+        """The configured limit, lowered by what this process (or, when it learned nothing, another) learned."""
+        limit = self.limits.in_force(scope)
+        shared = self.shared.get(scope)
+        if self.limits.per_minute(scope) is None and shared is not None:
+            limit = shared if limit is None else min(limit, shared)
+        return limit
+
     def _rate_argument(self, scope: str) -> Tuple[float, bool]:
         """The per-minute rate the shared bucket refills at (ABSENT: unlimited), and whether it is still learning."""
-        configured = getattr(self, f"max_{scope}_per_minute")
-        if configured is not None and math.isinf(configured):
-            return ABSENT, False
-        limit = self.learned.in_force(scope, configured)
-        if limit is not None and math.isinf(limit):
-            return ABSENT, False
-        if limit is None:
-            return (learning_start(scope), True) if self.pool.learn_limits else (ABSENT, False)
+        limit = self._limit_in_force(scope)
+        if limit is None or math.isinf(limit):
+            learning = self.pool.learn_limits and not self.limits.heard and self.limits.configured.get(scope) is None
+            return (learning_start(scope), True) if learning else (ABSENT, False)
         return limit * self.pool.target_utilization, False
+
+    def _now(self) -> float:
+        """The engine's clock (the event loop's)."""
+        return self._loop.time() if self._loop is not None else time.monotonic()
 
     async def _dispatch_forever(self) -> None:
         """Call Redis when the line can move, changes are due, or a heartbeat is; otherwise sleep."""
@@ -387,8 +417,9 @@ class RedisLane:
         assert self._loop is not None and self._book is not None
         learned_changed = False
         for scope, value in (("requests", reply.learned_requests), ("tokens", reply.learned_tokens)):
-            if value > 0:
-                learned_changed |= self.learned.set(scope, value)
+            if value > 0 and self.shared.get(scope) != value:
+                self.shared[scope] = value
+                learned_changed |= self.limits.per_minute(scope) is None
         now = self._loop.time()
         if not batch:
             # A call that only told Redis what changed: the line's state stays, unless the limits changed.
@@ -490,7 +521,7 @@ class RedisRateLimiterPool(RateLimiterPool):
     @property
     def depth_seconds(self) -> float:
         """How many seconds of each limit the shared buckets hold: what the target utilization leaves spare."""
-        return min(self.burst_seconds * (1.0 - self.target_utilization), float(self.horizon_seconds or 0.0))
+        return min(depth_seconds(self.burst_seconds, self.target_utilization), float(self.horizon_seconds or 0.0))
 
     @property
     def round_trips_per_request(self) -> float:
@@ -519,6 +550,10 @@ class RedisRateLimiterPool(RateLimiterPool):
     def calls(self) -> int:
         """Script calls so far."""
         return self._script.calls if self._script is not None else 0
+
+    def limit_notes(self) -> List[str]:
+        """The limits in force and where each came from, per lane, in words (for the summary)."""
+        return limit_notes(self._lanes)  # type: ignore[arg-type]
 
     def usage_note(self) -> Optional[str]:
         """How the shared limiter was used, for the log."""

@@ -19,6 +19,16 @@ from typing import Optional
 _EPSILON = 1e-9
 
 
+def depth_seconds(burst_seconds: float, target_utilization: float) -> float:
+    """How many seconds of its rate a bucket holds, so the catch-up after a lull never pushes a window over.
+
+    A bucket refilling at ``target_utilization`` of a limit, this deep, sends at most the limit in
+    any window of ``burst_seconds`` or longer, however long it was idle before (at least one unit
+    always fits, see ``TokenBucket.per_minute``).
+    """
+    return burst_seconds * (1.0 - target_utilization)
+
+
 @dataclass
 class TokenBucket:
     """A token bucket that refills continuously at ``rate_per_second`` up to ``capacity``.
@@ -53,8 +63,8 @@ class TokenBucket:
             return cls(rate_per_second=math.inf, capacity=math.inf, level=math.inf, updated_at=now)
         if not limit_per_minute > 0:
             raise ValueError(f"a per-minute limit must be positive, got {limit_per_minute!r}")
-        if not burst_seconds > 0:
-            raise ValueError(f"burst_seconds must be positive, got {burst_seconds!r}")
+        if not burst_seconds >= 0:
+            raise ValueError(f"the depth must not be negative, got {burst_seconds!r}")
         rate = limit_per_minute / 60.0
         # At least one whole unit fits, or a 30-per-minute limit could never serve anything.
         capacity = max(rate * burst_seconds, 1.0)
@@ -91,6 +101,10 @@ class TokenBucket:
     def set_rate(self, limit_per_minute: float, burst_seconds: float, now: float) -> None:
         """Change the refill rate (and the depth that follows from it), keeping the level."""
         self.refill(now)
+        if math.isinf(limit_per_minute):
+            self.rate_per_second = self.capacity = self.level = math.inf
+            self.updated_at = max(self.updated_at, now)
+            return
         self.rate_per_second = limit_per_minute / 60.0
         self.capacity = max(self.rate_per_second * burst_seconds, 1.0)
         self.level = min(self.level, self.capacity)
@@ -110,11 +124,6 @@ class TokenBucket:
         """Remove ``amount`` from the bucket; the level may go below zero."""
         if not self.unlimited:
             self.level -= amount
-
-    def give_back(self, amount: float) -> None:
-        """Return ``amount`` to the bucket (a refund), never above the capacity."""
-        if not self.unlimited:
-            self.level = min(self.capacity, self.level + amount)
 
     def empty(self) -> None:
         """Drop whatever the bucket holds, so it serves only at its refill rate from now on."""

@@ -198,6 +198,8 @@ class RunSummary:
         duration_seconds: the run's whole duration.
         reused_rows: rows answered by earlier answers to the same requests (an edited input's unchanged rows).
         output_note: what happened to the output when it was not written (a better one was kept).
+        limit_notes: the limits in force and where each came from ("20 requests per 2 s (learned from
+            x-ratelimit headers)"), and budgets the server states.
     """
 
     source: str
@@ -211,6 +213,7 @@ class RunSummary:
     duration_seconds: float = 0.0
     reused_rows: int = 0
     output_note: Optional[str] = None
+    limit_notes: List[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -233,6 +236,7 @@ class RunSummary:
             "totals": totals,
             "reused_rows": self.reused_rows,
             "output_note": self.output_note,
+            "limits_in_force": self.limit_notes,
             "shards": [shard.table_row() for shard in self.shards],
             "error_examples": self.error_examples,
         }
@@ -269,7 +273,7 @@ class RunSummary:
             f"| cost (from usage) | ${totals.cost_usd:,.4f}"
             f"{f' (+ {totals.unpriced_requests:,} requests of models with no price)' if totals.unpriced_requests else ''} |",
             f"| duration | {self.duration_seconds:,.1f} s |",
-        ]
+        ] + [f"| limit in force | {text} |" for text in self.limit_notes]
         if totals.retries_by_cause:
             lines += ["", "Retries by cause: " + ", ".join(f"{cause} {count}" for cause, count in sorted(totals.retries_by_cause.items()))]
         if self.error_examples:

@@ -117,8 +117,8 @@ class RequestSender:
                 lane.release(tokens)
                 holds_capacity = False
             tracker.note_response()
-            if result.status is not None:
-                lane.observe(result.limits)  # follow the server's x-ratelimit-* headers
+            if result.status is not None:  # follow the server's rate-limit headers, and whether it was a 429
+                lane.observe(result.limits, result.outcome is Outcome.RATE_LIMITED)
             if result.outcome is Outcome.SUCCESS:
                 return self._succeeded(request, lane, tokens, line_bytes, result)
             errors.append(result.error or "unknown error")
@@ -132,8 +132,15 @@ class RequestSender:
             if result.outcome is Outcome.RATE_LIMITED:
                 tracker.rate_limited += 1
                 rate_limit_waits += 1
+                exhausted = lane.budget_exhausted()
+                if exhausted:  # a daily budget, not a rate: stop like insufficient_quota, results kept
+                    if not context.stop.stopped:
+                        self.logger.error("Stopping the run: %s", exhausted)
+                    context.stop.stop(exhausted)
+                    tracker.not_sent += 1
+                    return 0.0
                 scope = result.rate_limit_scope
-                lane.slow_down(requests=scope != "tokens", tokens=scope != "requests")
+                lane.slow_down(requests=scope != "tokens", tokens=scope != "requests", wait=result.retry_after)
                 if rate_limit_waits <= MAX_RATE_LIMIT_WAITS:
                     wait = result.retry_after if result.retry_after is not None else backoff_seconds(rate_limit_waits, 1.0)
                     tracker.note_retry("rate_limited")
@@ -168,13 +175,16 @@ class RequestSender:
         return True
 
     def _succeeded(self, request: ParsedRequest, lane: Lane, tokens: int, line_bytes: int, result: ApiResult) -> float:
-        """Count a success's usage, refund what its estimate over-reserved, write it; return its cost."""
+        """Count a success's usage, write it; return its cost.
+
+        Nothing goes back to the token bucket when the answer used less than ``max_tokens``: servers count
+        a request's prompt plus its ``max_tokens`` against the token limit when they admit it (OpenAI
+        documents this), so a refund would run the engine above the limit.
+        """
         self.tracker.succeeded += 1
         usage = Usage.of(result.body)
         cost = 0.0
         if usage is not None:
-            if tokens > usage.total_tokens:
-                lane.refund_tokens(tokens - usage.total_tokens)  # the estimate reserved more than the answer used
             self.tracker.prompt_tokens_used += usage.prompt_tokens
             self.tracker.completion_tokens_used += usage.completion_tokens
             prices = self.context.budget.prices

@@ -148,7 +148,8 @@ class ShardResult:
         tracker: the shard's counts.
         stop_reason: why dispatching stopped early, or None.
         error_examples: a few error texts (secrets removed).
-        learned_requests, learned_tokens: the per-minute limits the server stated, if any.
+        learned_requests, learned_tokens: the per-minute limits learned from the server, if any.
+        limit_notes: the limits in force and where each came from, in words.
     """
 
     tracker: StatusTracker
@@ -156,6 +157,7 @@ class ShardResult:
     error_examples: List[str] = field(default_factory=list)
     learned_requests: Optional[float] = None
     learned_tokens: Optional[float] = None
+    limit_notes: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-safe dict (infinite limits become "inf")."""
@@ -170,7 +172,8 @@ class ShardResult:
         learned = {name: None if data.get(name) is None else float(data[name])
                    for name in ("learned_requests", "learned_tokens")}
         return cls(tracker=StatusTracker(**data["tracker"]), stop_reason=data.get("stop_reason"),
-                   error_examples=list(data.get("error_examples") or []), **learned)
+                   error_examples=list(data.get("error_examples") or []),
+                   limit_notes=list(data.get("limit_notes") or []), **learned)
 
 
 @dataclass
@@ -181,7 +184,8 @@ class ShardOutcome:
         trackers: each shard's counts, in shard order.
         stop_reason: why dispatching stopped early, or None.
         error_examples: a few error texts (secrets removed).
-        learned_requests, learned_tokens: the per-minute limits the server stated, when every shard heard one.
+        learned_requests, learned_tokens: the per-minute limits learned from the server, when every shard learned one.
+        limit_notes: the limits in force and where each came from, in words (each once).
     """
 
     trackers: List[StatusTracker]
@@ -189,6 +193,7 @@ class ShardOutcome:
     error_examples: List[str] = field(default_factory=list)
     learned_requests: Optional[float] = None
     learned_tokens: Optional[float] = None
+    limit_notes: List[str] = field(default_factory=list)
 
     @classmethod
     def collect(cls, shards: Sequence[ShardSpec], results: Sequence[Optional[ShardResult]],
@@ -208,6 +213,7 @@ class ShardOutcome:
             outcome.trackers.append(result.tracker)
             outcome.stop_reason = outcome.stop_reason or result.stop_reason
             outcome.error_examples += [text for text in result.error_examples if text not in outcome.error_examples]
+            outcome.limit_notes += [text for text in result.limit_notes if text not in outcome.limit_notes]
             learned["requests"].add(result.learned_requests)
             learned["tokens"].add(result.learned_tokens)
         outcome.learned_requests = learned["requests"].pop() if len(learned["requests"]) == 1 else None
@@ -271,7 +277,9 @@ async def run_shards_here(job: ShardJob, shards: Sequence[ShardSpec], part_paths
     if note:
         get_run_logger().info("%s", note)
     learned = (engine.learned_limit("requests"), engine.learned_limit("tokens"))
-    results = [None if tracker is None else ShardResult(tracker, context.stop.end_reason, context.errors.texts, *learned)
+    notes = engine.limit_notes()
+    results = [None if tracker is None else ShardResult(tracker, context.stop.end_reason, context.errors.texts, *learned,
+                                                        limit_notes=notes)
                for tracker in trackers]
     return ShardOutcome.collect(shards, results, "failed")
 
