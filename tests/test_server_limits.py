@@ -140,16 +140,16 @@ async def test_a_token_limit_the_server_states_binds_even_with_inf_given(prefect
 async def test_a_short_window_in_openai_names_is_derived_not_taken_per_minute(prefect_api_url, api_server,
                                                                               tmp_path) -> None:
     # 20 requests per fixed 2 s window, stated as x-ratelimit-limit-requests: 20 (reset "1.379s").
-    # Taken as 20 a minute, 200 rows would take 10 minutes; at the server's real rate about 20 s.
+    # Taken as 20 a minute, 120 rows would take 6 minutes; at the server's real rate about 12 s.
     server = api_server(requests_per_minute=600, slice_seconds=2.0, dialect="window")
-    source = write_jsonl(tmp_path / "window.jsonl", _rows(200))
+    source = write_jsonl(tmp_path / "window.jsonl", _rows(120))
     state, summary = await _run(requests_filepath=source, request_url=f"{server.url}/v1/chat/completions")
     assert state.is_completed(), state.message
     stats = server.stats()
     assert stats["rate_limited"] <= 0.05 * stats["requests"], stats
     assert stats["steady_per_minute"] >= 0.85 * 600, stats
     assert summary["limits_in_force"][0] == "20 requests per 2 s (learned from x-ratelimit headers)"
-    assert len(read_jsonl(tmp_path / "window_results.jsonl")) == 200
+    assert len(read_jsonl(tmp_path / "window_results.jsonl")) == 120
 
 
 async def test_a_daily_budget_that_runs_out_stops_the_run_and_the_rerun_resumes(prefect_api_url, api_server,

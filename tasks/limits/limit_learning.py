@@ -459,7 +459,7 @@ class LaneLimits:
         if self._stated(scope) is not None:
             return f"learned from {self.dialect} headers"
         if scope in self.adaptive:
-            return "found from 429s"
+            return "found from 429s" if self.adaptive[scope].hit else "stated nowhere: the Cookbook's default, growing until a 429"
         return "none"
 
     def describe(self, scope: str) -> Optional[str]:
