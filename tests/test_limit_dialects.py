@@ -348,11 +348,11 @@ def test_a_daily_budget_is_a_budget_not_a_rate_and_stops_the_run_when_spent() ->
     assert message and "per day is spent" in message and "UTC" in message
 
 
-def _simulate_aimd(limit_per_second: int, seconds: float, retry_hint_seconds: Optional[float],
-                   window: float = 1.0) -> Tuple[float, float]:
+def _simulate_aimd(limit_per_second: int, seconds: float, hint: bool = True, window: float = 1.0) -> Tuple[float, float]:
     """A client paced at what LaneLimits finds, against fixed windows of ``limit_per_second`` a second, no headers.
 
-    Returns (steady requests per second over the second half, share of 429s).
+    A refused request says how long until its window ends (``hint``), or nothing: then the lane is
+    held as the engine holds it. Returns (steady requests per second over the second half, share of 429s).
     """
     limits = LaneLimits({"requests": None, "tokens": None})
     limits.observe(None, 0.0)
@@ -373,16 +373,16 @@ def _simulate_aimd(limit_per_second: int, seconds: float, retry_hint_seconds: Op
         else:
             refused += 1
             limits.observe(None, now, rate_limited=True)
-            wait = ((index + 1) * window - now) if retry_hint_seconds is None else retry_hint_seconds
+            wait = ((index + 1) * window - now) if hint else None
             limits.rate_limited("requests", wait, now)
-            paused_until = now + wait
+            paused_until = now + (wait if wait is not None else limits.backoff_seconds("requests"))
     steady = [t for t in accepted_times if t >= seconds / 2]
     return len(steady) / (seconds / 2), refused / sent
 
 
 @pytest.mark.parametrize("limit_per_second", [2, 10, 40])
 def test_a_limit_no_header_states_is_found_from_429s(limit_per_second: int) -> None:
-    rate, share_429 = _simulate_aimd(limit_per_second, 240.0, None)
+    rate, share_429 = _simulate_aimd(limit_per_second, 240.0)
     assert 0.8 * limit_per_second <= rate <= limit_per_second * 1.001
     assert share_429 <= 0.03
 
@@ -390,36 +390,9 @@ def test_a_limit_no_header_states_is_found_from_429s(limit_per_second: int) -> N
 def test_a_minute_window_with_no_headers_and_no_wait_hint_is_not_cut_to_nothing() -> None:
     # 600 a minute counted per fixed minute: once spent, every request is refused until the minute ends,
     # and no answer says how long. The rate must not collapse while it refuses.
-    rate, share_429 = _simulate_aimd_no_hint(10, 600.0)
+    rate, share_429 = _simulate_aimd(10, 600.0, hint=False, window=60.0)
     assert rate >= 0.7 * 10
     assert share_429 <= 0.03
-
-
-def _simulate_aimd_no_hint(limit_per_second: int, seconds: float) -> Tuple[float, float]:
-    """As ``_simulate_aimd`` against 60 s windows, where a refused request says nothing and is tried again after 1 s."""
-    limits = LaneLimits({"requests": None, "tokens": None})
-    limits.observe(None, 0.0)
-    windows: Dict[int, int] = {}
-    now = 0.0
-    sent = refused = 0
-    accepted_times = []
-    paused_until = 0.0
-    while now < seconds:
-        now = max(now + 60.0 / limits.per_minute("requests"), paused_until)
-        limits.held_back("requests", now)
-        index = math.floor(now / 60.0)
-        sent += 1
-        if windows.get(index, 0) < limit_per_second * 60:
-            windows[index] = windows.get(index, 0) + 1
-            accepted_times.append(now)
-            limits.observe(None, now)
-        else:
-            refused += 1
-            limits.observe(None, now, rate_limited=True)
-            limits.rate_limited("requests", None, now)
-            paused_until = now + limits.backoff_seconds("requests")  # as the engine holds the lane
-    steady = [t for t in accepted_times if t >= seconds / 2]
-    return len(steady) / (seconds / 2), refused / sent
 
 
 def test_a_given_limit_stays_a_ceiling_and_a_lower_stated_one_wins() -> None:
