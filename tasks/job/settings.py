@@ -24,6 +24,25 @@ DEFAULT_MAX_IN_FLIGHT = 200
 MAX_SHARDS = 256
 
 
+def check_engine_settings(max_requests_per_minute: Optional[float], max_tokens_per_minute: Optional[float],
+                          max_in_flight: int, burst_seconds: float, target_utilization: float) -> None:
+    """Reject limits and engine settings no engine can work with (the one place both engines and the run check them).
+
+    Raises:
+        ValueError: naming the setting and the value.
+    """
+    for name, value in (("max_requests_per_minute", max_requests_per_minute),
+                        ("max_tokens_per_minute", max_tokens_per_minute)):
+        if value is not None and not (value > 0):
+            raise ValueError(f"{name} must be positive (or 'inf' for no limit), got {value!r}")
+    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be a whole number of at least 1, got {max_in_flight!r}")
+    if not burst_seconds > 0:
+        raise ValueError(f"burst_seconds must be positive, got {burst_seconds!r}")
+    if not 0 < target_utilization <= 1:
+        raise ValueError(f"target_utilization must be above 0 and at most 1, got {target_utilization!r}")
+
+
 def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_minute: Optional[float],
                       max_attempts: int, max_in_flight: int, shards: Optional[int], burst_seconds: float,
                       target_utilization: float = 0.98, limiter: Optional[str] = None,
@@ -38,20 +57,12 @@ def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_m
     Raises:
         ValueError: naming the setting and the value (never a secret).
     """
-    for name, value in (("max_requests_per_minute", max_requests_per_minute),
-                        ("max_tokens_per_minute", max_tokens_per_minute)):
-        if value is not None and not (value > 0):
-            raise ValueError(f"{name} must be positive (or 'inf' for no limit), got {value!r}")
+    check_engine_settings(max_requests_per_minute, max_tokens_per_minute, max_in_flight, burst_seconds,
+                          target_utilization)
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
-    if max_in_flight < 1:
-        raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
     if shards is not None and not 1 <= shards <= MAX_SHARDS:
         raise ValueError(f"shards must be from 1 to {MAX_SHARDS}, got {shards}")
-    if not burst_seconds > 0:
-        raise ValueError(f"burst_seconds must be positive, got {burst_seconds}")
-    if not 0 < target_utilization <= 1:
-        raise ValueError(f"target_utilization must be above 0 and at most 1, got {target_utilization}")
     if (shard_deployment or dask_cluster) and not limiter:
         raise ValueError("shard_deployment and dask_cluster need limiter: the processes must share one rate limit")
     if limiter and not limiter.startswith(("redis://", "rediss://", "unix://")):

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Deque, Dict, List, Optional, Protocol, Tuple
 
 # Local application imports
+from tasks.job.settings import check_engine_settings
 from tasks.limits.learned_limits import (
     LEARNING_REQUESTS_PER_MINUTE,
     LEARNING_TOKENS_PER_MINUTE,
@@ -111,16 +112,8 @@ class RateLimiter:
     _loop: Optional[asyncio.AbstractEventLoop] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("max_requests_per_minute", "max_tokens_per_minute"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive (or None for no limit), got {value!r}")
-        if not isinstance(self.max_in_flight, int) or self.max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be a whole number of at least 1, got {self.max_in_flight!r}")
-        if not self.burst_seconds > 0:
-            raise ValueError(f"burst_seconds must be positive, got {self.burst_seconds!r}")
-        if not 0 < self.target_utilization <= 1:
-            raise ValueError(f"target_utilization must be above 0 and at most 1, got {self.target_utilization!r}")
+        check_engine_settings(self.max_requests_per_minute, self.max_tokens_per_minute, self.max_in_flight,
+                              self.burst_seconds, self.target_utilization)
         self.limits = LaneLimits({"requests": self.max_requests_per_minute, "tokens": self.max_tokens_per_minute},
                                  learn=self.learn_limits)
         self._depth = depth_seconds(self.burst_seconds, self.target_utilization)
