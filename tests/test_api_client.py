@@ -149,10 +149,16 @@ def test_error_codes_and_snippets_are_redacted() -> None:
     assert KEY not in result.error and KEY[:12] not in result.error
 
 
-@pytest.mark.parametrize("headers", [{"retry-after": "86400"}, {"retry-after-ms": "999999999"},
-                                     {"x-ratelimit-reset-requests": "72h0m0s"}])
+@pytest.mark.parametrize("headers", [{"retry-after": "86400"}, {"retry-after-ms": "999999999"}])
 def test_a_servers_wait_is_capped(headers) -> None:
     assert retry_after_seconds(headers) == MAX_SERVER_WAIT_SECONDS
+
+
+def test_a_budgets_reset_is_no_wait_for_a_429() -> None:
+    # Groq's x-ratelimit-reset-requests counts down a day's budget: a 429 of its per-minute limit
+    # must not wait for it (nor hold the lane two minutes).
+    assert retry_after_seconds({"x-ratelimit-reset-requests": "23h59m53s"}) is None
+    assert retry_after_seconds({"x-ratelimit-reset-requests": "23h59m53s", "x-ratelimit-reset-tokens": "7.66s"}) == 7.66
 
 
 async def test_a_redirect_is_never_followed_with_the_key(api_server) -> None:

@@ -186,6 +186,36 @@ def test_resets_in_every_format_are_absolute_times() -> None:
     assert limits.requests.reset_at == NOW + 2.0 and limits.requests.limit is None
 
 
+def test_unbelievable_values_are_ignored_not_crashed_on() -> None:
+    far = {"x-ratelimit-limit-requests": "20", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1e15"}
+    assert read_limits(far, NOW, WALL).requests.reset_at is None  # an epoch 31 million years away
+    assert read_limits({"x-ratelimit-limit-requests": "0.0001", "x-ratelimit-remaining-requests": "0"}, NOW,
+                       WALL).requests.limit is None  # a limit below one request says nothing usable
+    limits = LaneLimits({"requests": None, "tokens": None})
+    limits.observe(read_limits({"x-ratelimit-limit-requests": "20", "x-ratelimit-remaining-requests": "0",
+                                "x-ratelimit-reset-requests": "99999999h"}, NOW, WALL), NOW)
+    assert limits.budget_exhausted(NOW) is None and limits.notes() is not None
+
+
+def test_an_odd_far_reset_does_not_turn_a_learned_window_into_a_budget() -> None:
+    limits = LaneLimits({"requests": None, "tokens": None})
+    _drive(limits, FixedWindowServer(20, 2.0), 20.0, 9.0, 20)
+    assert limits.per_minute("requests") == pytest.approx(600, rel=0.02)
+    limits.observe(ServerLimits("x-ratelimit", 20.1, requests=LimitReading(20, 19, 20.1 + 86400.0)), 20.1)
+    assert not _learner(limits).is_budget and limits.per_minute("requests") == pytest.approx(600, rel=0.02)
+
+
+def test_a_429_that_names_no_limit_cuts_the_request_rate_not_the_token_rate() -> None:
+    limits = LaneLimits({"requests": None, "tokens": None})
+    limits.observe(None, 0.0)
+    for step in range(1, 200):
+        limits.held_back("requests", step * 0.05)
+        limits.observe(None, step * 0.05)
+    limits.rate_limited(None, None, 10.0)
+    assert limits.per_minute("tokens") >= 125_000  # untouched: accepted requests say nothing of tokens
+    assert limits.per_minute("requests") < 1500
+
+
 def test_no_headers_read_as_none_and_a_429_wait_comes_from_any_hint() -> None:
     assert read_limits({"content-type": "application/json"}, NOW, WALL) is None
     assert retry_hint({"retry-after-ms": "250", "retry-after": "9"}, None, WALL) == pytest.approx(0.25)

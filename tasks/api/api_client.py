@@ -224,7 +224,8 @@ def _requested_wait(headers: Mapping[str, str], body: Any = None) -> Optional[fl
     if wait is not None:
         return wait
     resets = [parse_duration(headers.get(name)) for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
-    known = [value for value in resets if value is not None]
+    # A reset beyond a minute is a budget's (Groq's requests per day), not the wait of a per-minute limit.
+    known = [value for value in resets if value is not None and value <= 60.0]
     return max(known) if known else None
 
 

@@ -45,6 +45,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 DIMENSIONS = ("requests", "tokens", "input_tokens", "output_tokens")
 # A reset value above this is an epoch time, not a number of seconds (2001-09-09).
 EPOCH_THRESHOLD = 1_000_000_000.0
+# A reset further away than this is not believed (no server's budget lasts longer): it is ignored.
+LONGEST_RESET_SECONDS = 400 * 86400.0
 # One part of a Go-style duration such as "6m0s" or "83ms".
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s|d)")
 _DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -126,6 +128,14 @@ def parse_reset(text: Optional[str], wall_now: float) -> Optional[Tuple[float, f
     Reads a duration ("1s", "6m0s", "12ms", "1h2m3.5s"), plain seconds ("0.5", "30"), epoch
     seconds (above ``EPOCH_THRESHOLD``), an RFC 3339 time ("2026-12-02T10:00:00Z") or an HTTP date.
     """
+    parsed = _parse_reset(text, wall_now)
+    if parsed is None or not parsed[0] <= LONGEST_RESET_SECONDS:
+        return None
+    return parsed
+
+
+def _parse_reset(text: Optional[str], wall_now: float) -> Optional[Tuple[float, float]]:
+    """``parse_reset`` without the check that the reset is believable."""
     if not text:
         return None
     text = text.strip().strip('"')
@@ -354,9 +364,9 @@ def _number(text: Optional[str]) -> Optional[float]:
 
 
 def _positive(text: Optional[str]) -> Optional[float]:
-    """A header's positive number, or None (a limit of 0 or less says nothing usable)."""
+    """A header's number of at least one, or None (a limit below one unit says nothing usable)."""
     value = _number(text)
-    return value if value is not None and value > 0 else None
+    return value if value is not None and value >= 1 else None
 
 
 def _count(text: Optional[str]) -> Optional[float]:

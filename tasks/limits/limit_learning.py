@@ -120,6 +120,7 @@ class WindowLearner:
             self.limit = reading.limit
         if reading.window_seconds is not None:
             self.stated_window = reading.window_seconds
+        known_window = self._window[1] if self._window[0] else None  # what the earlier answers agreed on
         self._window = (False, None)
         if reading.remaining is None:
             return
@@ -140,7 +141,10 @@ class WindowLearner:
             self._anchors.append(seen)
         if seen.reset_at is not None:
             reset = seen.reset_at - at
-            self._longest_reset = reset if self._longest_reset is None else max(self._longest_reset, reset)
+            if self.kind == "window" and known_window and reset > 4 * known_window:
+                pass  # far beyond the window the answers agree on: an odd answer, not a longer window
+            else:
+                self._longest_reset = reset if self._longest_reset is None else max(self._longest_reset, reset)
         self._most_remaining = max(self._most_remaining, seen.remaining)
         self._history.append(seen)
 
@@ -331,8 +335,12 @@ class AdaptiveRate:
             self.per_minute += self._step * elapsed
         return True
 
-    def rate_limited(self, now: float, wait: Optional[float]) -> bool:
-        """A 429: cut the rate, at most once per second (or per wait the server asked for)."""
+    def rate_limited(self, now: float, wait: Optional[float], by_accepted: bool = True) -> bool:
+        """A 429: cut the rate, at most once per second (or per wait the server asked for).
+
+        ``by_accepted``: the rate counts requests, so what the server accepted bounds the cut (a token
+        rate is cut by its share only: accepted requests say nothing of tokens).
+        """
         self.hit = True
         self.refused_in_a_row += 1
         if now - self._cut_at < max(1.0, min(wait or 0.0, 10.0)):
@@ -340,11 +348,12 @@ class AdaptiveRate:
         self._cut_at = now
         recent = [moment for moment in self._accepted if moment >= now - ACCEPTED_WINDOW_SECONDS]
         cut = self.per_minute * DECREASE
-        if len(recent) >= 5:
+        if by_accepted and len(recent) >= 5:
             span = max(now - recent[0], 1.0)
             cut = min(cut, len(recent) * 60.0 / span * ACCEPTED_SHARE)
         self._sustained = (-math.inf, 0.0)
-        cut = max(cut, 0.5 * self._sustained_rate(now))
+        if by_accepted:
+            cut = max(cut, 0.5 * self._sustained_rate(now))
         self.per_minute = max(1.0, cut)
         self._step = GROWTH_AFTER_429 * self.per_minute
         self._changed_at = now
@@ -417,11 +426,13 @@ class LaneLimits:
 
     def rate_limited(self, scope: Optional[str], wait: Optional[float], now: float) -> List[str]:
         """A 429 naming ``scope`` (None: it did not say): cut the limits found from 429s it concerns."""
-        for name in SCOPES:
-            if scope in (None, name):
-                adaptive = self._adaptive(name, hit=scope is not None)
-                if adaptive is not None:
-                    adaptive.rate_limited(now, wait)
+        names = [scope] if scope is not None else [
+            name for name in SCOPES if name in self.adaptive and now - self._bottleneck_at.get(name, -math.inf) < 2.0
+        ] or ["requests"]  # a 429 that does not say which limit: the one holding requests back, else requests
+        for name in names:
+            adaptive = self._adaptive(name, hit=scope is not None)
+            if adaptive is not None:
+                adaptive.rate_limited(now, wait, by_accepted=name == "requests")
         return self._changes()
 
     def backoff_seconds(self, scope: Optional[str]) -> float:
@@ -432,7 +443,7 @@ class LaneLimits:
     def notes(self) -> List[str]:
         """The limits in force and the budgets stated, in words."""
         texts = [text for text in (self.describe(scope) for scope in SCOPES) if text]
-        return texts + [f"budget: {text}" for text in self.budgets()]
+        return texts + [f"a budget, not a rate: {text}" for text in self.budgets()]
 
     def held_back(self, scope: str, now: float) -> None:
         """The engine held a request back for ``scope``'s rate: the rate is the bottleneck now."""
@@ -592,5 +603,6 @@ def _window_text(seconds: float) -> str:
 
 def _wall_text(reset_at: float, now: float) -> str:
     """When a reset on the engine's clock falls, as a UTC time."""
-    moment = datetime.datetime.fromtimestamp(time.time() + max(0.0, reset_at - now), datetime.timezone.utc)
+    moment = datetime.datetime.fromtimestamp(time.time() + min(max(0.0, reset_at - now), 400 * 86400.0),
+                                             datetime.timezone.utc)
     return f"at {moment:%Y-%m-%d %H:%M} UTC"
