@@ -216,6 +216,15 @@ async def test_learning_starts_cautiously_then_adopts_the_servers_limit() -> Non
     assert limiter.learned_limit("requests") == 6000 and limiter.token_limit == 1_000_000
 
 
+async def test_a_limit_the_server_leaves_unstated_beside_a_stated_one_is_none_after_the_first_answer() -> None:
+    limiter, clock = _clocked(max_requests_per_minute=None, max_tokens_per_minute=None, learn_limits=True)
+    _grant_times(limiter, clock, 1)
+    limiter.observe(_limits(clock, tokens=(900_000, 899_970, 0.002)))  # tokens stated, requests not
+    assert limiter.learned_limit("requests") is None
+    times = _grant_times(limiter, clock, 50, tokens=30)
+    assert times[-1] < 0.2  # not the cautious learning pace of one a second: no request limit at all
+
+
 async def test_learning_falls_back_to_the_cookbook_defaults_without_headers() -> None:
     limiter = RateLimiter(max_requests_per_minute=None, max_tokens_per_minute=None, learn_limits=True)
     await limiter.acquire(1)

@@ -559,11 +559,11 @@ class LaneLimits:
         changed = []
         for scope in SCOPES:
             value, before = self.per_minute(scope), self._reported.get(scope)
-            if scope not in self._reported or (value is None) != (before is None) or (
+            first = scope not in self._reported  # the first answer: a learning bucket must follow it, even to "none"
+            if first or (value is None) != (before is None) or (
                     value is not None and before is not None and abs(value - before) > 0.01 * before):
                 self._reported[scope] = value
-                if value is not None or before is not None:
-                    changed.append(scope)
+                changed.append(scope)
         return changed
 
 
