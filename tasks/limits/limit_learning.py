@@ -191,16 +191,13 @@ class WindowLearner:
             return _snap_up(longest_reset)
         if kind == "continuous" and continuous is not None:
             return continuous
-        if continuous is None and self._coarse and (longest_reset or 0.0) < 60.0:
-            # Resets in whole seconds (RFC 3339 times) too short to measure a refill: the servers that
-            # send them state limits per minute.
-            return 60.0
         known = [value for value in (continuous, longest_reset) if value is not None and value > 0]
-        if not known or (continuous is None and self.documented_window and max(known) < 1.0):
-            # Resets too short to measure (2,000,000 tokens a minute, 30 spent: under a millisecond):
-            # the dialect's documented unit, until a longer reset can tell.
+        unmeasurable = continuous is None and (not known or max(known) < (60.0 if self._coarse else 1.0))
+        if unmeasurable and self.documented_window:
+            # Resets too short to measure a refill (2,000,000 tokens a minute with 30 spent resets in
+            # under a millisecond; RFC 3339 resets are whole seconds): the dialect's documented unit.
             return self.documented_window if self.limit is not None else None
-        return max(known)  # cannot tell yet: the slower reading
+        return max(known) if known else None  # cannot tell yet: the slower reading
 
     def per_minute(self) -> Optional[float]:
         """The rate the limit allows, per minute (None: not known)."""
