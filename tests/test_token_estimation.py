@@ -11,9 +11,11 @@ import pytest
 import tiktoken
 
 # Local application imports
+from tasks.requests.request_formats import endpoint_of, endpoint_of_body
 from tasks.requests.token_estimation import (
     EncodingUnavailable,
     TokenEstimator,
+    budget_completion_tokens,
     encoding_name_for_model,
     load_encoding,
 )
@@ -78,9 +80,39 @@ def test_encoding_follows_the_model_unless_forced() -> None:
     assert encoding_name_for_model("text-embedding-3-small") == "cl100k_base"
     assert encoding_name_for_model(None) == "cl100k_base"
     body = {"model": "gpt-4o-mini", "input": "Schadenfreude über alles"}
-    forced = TokenEstimator.for_name("cl100k_base").estimate(body)
+    forced = TokenEstimator.for_name("cl100k_base").estimate(body, "embeddings")
     assert forced == _tokens("Schadenfreude über alles", "cl100k_base")
-    assert TokenEstimator().estimate(body) == _tokens("Schadenfreude über alles", "o200k_base")
+    assert TokenEstimator().estimate(body, "embeddings") == _tokens("Schadenfreude über alles", "o200k_base")
+
+
+def test_a_responses_body_is_told_from_an_embeddings_one_by_url_and_body() -> None:
+    assert endpoint_of("http://h/v1/responses", {"model": "text-embedding-3-small", "input": "x"}) == "responses"
+    assert endpoint_of("http://h/v1/embeddings", {"model": "gpt-4o-mini", "input": "x"}) == "embeddings"
+    assert endpoint_of_body({"model": "text-embedding-3-small", "input": ["a", "b"]}) == "embeddings"
+    assert endpoint_of_body({"model": "nomic-embed-text", "input": "a"}) == "embeddings"
+    assert endpoint_of_body({"input": "a"}) == "embeddings"
+    assert endpoint_of_body({"model": "gpt-4o-mini", "input": "a"}) == "responses"
+    assert endpoint_of_body({"input": "a", "instructions": "b"}) == "responses"
+    assert endpoint_of_body({"input": [{"role": "user", "content": "a"}]}) == "responses"
+
+
+def test_responses_input_counts_like_chat_messages_and_reserves_max_output_tokens() -> None:
+    text = "Tell me a story about a unicorn in three sentences."
+    estimator = TokenEstimator()
+    chat = estimator.estimate_parts({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]})
+    responses = estimator.estimate_parts({"model": "gpt-4o-mini", "input": text}, "responses")
+    assert responses == chat  # one user message, the same overhead; the completion default is the chat one
+    items = {"model": "gpt-4o-mini", "instructions": "Be brief.", "max_output_tokens": 40,
+             "input": [{"role": "user", "content": [{"type": "input_text", "text": text},
+                                                     {"type": "input_image", "image_url": "data:image/png;base64,AA"}]}]}
+    prompt, completion = estimator.estimate_parts(items)
+    expected = (3 + 1 + _tokens("Be brief.", "o200k_base")) + (3 + 1 + _tokens(text, "o200k_base") + 85) + 3
+    assert (prompt, completion) == (expected, 40)
+    # The budget reserves the model's default output when max_output_tokens is absent.
+    assert budget_completion_tokens({"model": "gpt-4o-mini", "input": "x"}, "responses", 15) == 4_096
+    assert budget_completion_tokens({"model": "o3-mini", "input": "x"}, "responses", 15) == 32_768
+    assert budget_completion_tokens(items, "responses", 40) == 40
+    assert budget_completion_tokens({"model": "gpt-4o-mini", "messages": []}, "chat", 15) == 15
 
 
 def test_loaded_encodings_match_tiktoken_reference_counts() -> None:
@@ -109,7 +141,7 @@ def test_works_with_no_network_and_an_empty_cache(tmp_path) -> None:
         "requests.get = refuse\n"
         "from tasks.requests.token_estimation import TokenEstimator\n"
         "e = TokenEstimator()\n"
-        "print(e.estimate({'model': 'gpt-4o-mini', 'input': 'hi'}), e.estimate({'model': 'gpt-4', 'input': 'hi'}))\n"
+        "print(e.estimate({'model': 'gpt-4o-mini', 'input': 'hi'}, 'embeddings'), e.estimate({'model': 'gpt-4', 'input': 'hi'}, 'embeddings'))\n"
     )
     env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "cache"), HTTPS_PROXY="http://127.0.0.1:9",
                HTTP_PROXY="http://127.0.0.1:9")

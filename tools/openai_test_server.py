@@ -3,7 +3,7 @@
 The project's tests, demo and benchmark use it over a real socket on 127.0.0.1. It behaves
 like the hosted API where that matters to a client:
 
-    - ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``. The Azure
+    - ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/responses``. The Azure
       spelling ``/openai/deployments/{name}/...`` works too. Answers echo the request (the
       last user message, the prompt, the embedded text), so a test can tell that each result
       belongs to its own request. Usage counts tokens with tiktoken, like the real API.
@@ -51,6 +51,7 @@ import math
 import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -182,7 +183,7 @@ class OpenAITestServer:
     def build_app(self) -> web.Application:
         """The aiohttp application."""
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        for endpoint in ("chat/completions", "completions", "embeddings"):
+        for endpoint in ("chat/completions", "completions", "embeddings", "responses"):
             app.router.add_post(f"/v1/{endpoint}", self._handle)
             app.router.add_post(f"/openai/deployments/{{deployment}}/{endpoint}", self._handle)
         app.router.add_get("/_stats", self._stats)
@@ -584,11 +585,13 @@ def _per_minute(times: List[float]) -> float:
 
 
 def _endpoint_of_path(path: str) -> str:
-    """"chat", "completions" or "embeddings" from a request path."""
+    """"chat", "completions", "embeddings" or "responses" from a request path."""
     if path.endswith("/chat/completions"):
         return "chat"
     if path.endswith("/embeddings"):
         return "embeddings"
+    if path.endswith("/responses"):
+        return "responses"
     return "completions"
 
 
@@ -614,9 +617,18 @@ def _validate(endpoint: str, body: Dict[str, Any]) -> Optional[str]:
     elif endpoint == "embeddings":
         if body.get("input") in (None, "", []):
             return "'input' is a required property"
+    elif endpoint == "responses":
+        value = body.get("input")
+        if value in (None, "", []):
+            return "'input' is a required property"
+        if not isinstance(value, (str, list)) or (isinstance(value, list) and not all(
+                isinstance(item, dict) and ("role" in item or "type" in item) for item in value)):
+            return "Invalid 'input': expected a string or an array of input items"
+        if body.get("instructions") is not None and not isinstance(body["instructions"], str):
+            return "Invalid 'instructions': expected a string"
     elif body.get("prompt") is None:
         return "'prompt' is a required property"
-    for name in ("max_tokens", "max_completion_tokens", "n"):
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens", "n"):
         value = body.get(name)
         if value is not None and (not isinstance(value, int) or value < (1 if name == "n" else 0)):
             return f"Invalid '{name}': {value!r}"
@@ -645,14 +657,30 @@ def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        return " ".join(part.get("text", "") for part in content
+                        if isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"))
     return ""
+
+
+def _responses_messages(body: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """A Responses body as chat messages: instructions as a system message, a string input as a user one."""
+    messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
+    value = body.get("input")
+    if isinstance(value, str):
+        return messages + [{"role": "user", "content": value}]
+    for item in value or []:
+        if "role" in item:
+            messages.append({"role": item["role"], "content": item.get("content")})
+        else:  # a tool call or its output: counted as its JSON
+            messages.append({"role": "tool", "content": json.dumps(item, separators=(",", ":"))})
+    return messages
 
 
 def _echo(endpoint: str, body: Dict[str, Any]) -> str:
     """What the answer says: an echo of the request."""
-    if endpoint == "chat":
-        users = [m for m in body["messages"] if m.get("role") == "user"] or body["messages"]
+    if endpoint in ("chat", "responses"):
+        messages = _responses_messages(body) if endpoint == "responses" else body["messages"]
+        users = [m for m in messages if m.get("role") == "user"] or messages
         return "echo: " + _content_text(users[-1].get("content"))[:500]
     prompt = body.get("prompt")
     return "echo: " + (prompt if isinstance(prompt, str) else json.dumps(prompt))[:500]
@@ -667,12 +695,14 @@ def _usage(endpoint: str, body: Dict[str, Any], model: str) -> Tuple[int, int]:
         prompt = _text_tokens(body.get("prompt"), encoding)
     else:
         prompt = 3
-        for message in body["messages"]:
+        for message in _responses_messages(body) if endpoint == "responses" else body["messages"]:
             prompt += 3
             for key, value in message.items():
                 text = _content_text(value) if key == "content" else value
                 prompt += _text_tokens(text, encoding) + (1 if key == "name" else 0)
-    cap = body.get("max_completion_tokens") or body.get("max_tokens") or 10_000
+        if endpoint == "responses" and body.get("tools"):
+            prompt += _text_tokens(json.dumps(body["tools"], separators=(",", ":")), encoding)
+    cap = body.get("max_output_tokens") or body.get("max_completion_tokens") or body.get("max_tokens") or 10_000
     completion = min(cap, len(encoding.encode_ordinary(_echo(endpoint, body)))) * (body.get("n") or 1)
     return prompt, completion
 
@@ -681,7 +711,8 @@ def _requested_completion(endpoint: str, body: Dict[str, Any]) -> int:
     """The completion tokens a request reserves against the token limit."""
     if endpoint == "embeddings":
         return 0
-    return (body.get("max_completion_tokens") or body.get("max_tokens") or 16) * (body.get("n") or 1)
+    cap = body.get("max_output_tokens") or body.get("max_completion_tokens") or body.get("max_tokens") or 16
+    return cap * (body.get("n") or 1)
 
 
 def _answer(endpoint: str, body: Dict[str, Any], model: str, prompt_tokens: int, completion_tokens: int) -> Dict[str, Any]:
@@ -696,6 +727,14 @@ def _answer(endpoint: str, body: Dict[str, Any], model: str, prompt_tokens: int,
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
     text = _echo(endpoint, body)
     choices = body.get("n") or 1
+    if endpoint == "responses":
+        return {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": created, "status": "completed",
+                "model": model, "output": [{"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "completed",
+                                            "role": "assistant",
+                                            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "usage": {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                          "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                          "total_tokens": prompt_tokens + completion_tokens}}
     if endpoint == "chat":
         return {"id": f"chatcmpl-{created}", "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}

@@ -31,8 +31,8 @@ import smart_open
 # Local application imports
 from tasks.requests.pricing import PriceTable
 from tasks.requests.request_formats import InvalidLine, detect_shape, parse_line
+from tasks.requests.token_estimation import TokenEstimator, budget_completion_tokens
 from tasks.storage.uris import compression_of, is_remote
-from tasks.requests.token_estimation import TokenEstimator, endpoint_of_url
 
 # How many invalid lines are quoted in the report.
 EXAMPLE_LIMIT = 10
@@ -183,7 +183,8 @@ def plan_dry_run(source: str, request_url: str, estimator: TokenEstimator, price
                     report.invalid_examples.append(f"{name} line {line_number}: {parsed.reason}")
                 continue
             model = parsed.body.get("model") if isinstance(parsed.body.get("model"), str) else "(no model)"
-            prompt, completion = estimator.estimate_parts(parsed.body, endpoint_of_url(parsed.url))
+            prompt, completion = estimator.estimate_parts(parsed.body, parsed.endpoint)
+            completion = budget_completion_tokens(parsed.body, parsed.endpoint, completion)
             totals = report.models.setdefault(model, ModelTotals())
             totals.requests += 1
             totals.prompt_tokens += prompt

@@ -39,6 +39,7 @@ Pitfalls:
 
 # Standard library imports
 import enum
+import functools
 import urllib.parse
 import uuid
 from dataclasses import dataclass
@@ -53,6 +54,12 @@ DEFAULT_REQUEST_URL = "https://api.openai.com/v1/embeddings"
 # How many lines shape detection reads, at most, looking for one that parses as an object.
 SHAPE_DETECTION_LINES = 100
 # Body fields the engine reads that must be whole numbers (with their smallest allowed value).
+# Fields only a Responses API body has (``input`` alone is shared with embeddings).
+RESPONSES_ONLY_FIELDS = frozenset({"instructions", "max_output_tokens", "reasoning", "tools", "tool_choice", "text",
+                                   "previous_response_id", "include", "store", "background", "conversation",
+                                   "max_tool_calls", "truncation"})
+# Embedding models whose names do not say "embed".
+EMBEDDING_MODEL_PREFIXES = ("bge-", "e5-", "gte-", "all-minilm", "text-similarity", "text-search")
 WHOLE_NUMBER_FIELDS = {"max_tokens": 0, "max_completion_tokens": 0, "max_output_tokens": 0, "n": 1, "best_of": 1}
 
 
@@ -90,6 +97,11 @@ class ParsedRequest:
     def __post_init__(self) -> None:
         if not self.digest:
             self.digest = request_digest(self.method, self.url, self.body)
+
+    @functools.cached_property
+    def endpoint(self) -> str:
+        """The endpoint: "chat", "completions", "embeddings" or "responses" (``endpoint_of``)."""
+        return endpoint_of(self.url, self.body)
 
     @property
     def model(self) -> Optional[str]:
@@ -164,7 +176,7 @@ def parse_line(raw: bytes, shape: RequestShape, request_url: str, line_index: in
         return _parse_batch_line(value, raw, request_url, line_index)
     had_metadata = "metadata" in value
     metadata = value.pop("metadata", None)
-    problem = body_problem(value)
+    problem = body_problem(value, endpoint_of(request_url, value))
     if problem:
         return InvalidLine(line_index, problem, raw.decode("utf-8", "replace"))
     # Without metadata the line itself is the body: send its bytes, with no second serialisation.
@@ -215,13 +227,19 @@ def format_invalid_line(line: InvalidLine, shape: RequestShape, message: str) ->
                             "error": {"code": "invalid_request_line", "message": message}})
 
 
-def body_problem(body: Dict[str, Any]) -> Optional[str]:
+def body_problem(body: Dict[str, Any], endpoint: Optional[str] = None) -> Optional[str]:
     """Why a request body cannot be sent as it is (a field the engine reads has the wrong type), or None.
 
     Checks ``model`` (a string), the completion sizes and ``n`` (whole numbers), ``messages`` (a list
-    of objects), ``input`` and ``prompt`` (text, a list of texts, or token arrays), and ``stream``
-    (answers are read whole, so streaming is refused).
+    of objects), ``prompt`` and an embeddings ``input`` (text, a list of texts, or token arrays), a
+    Responses ``input`` (text, or a list of items), and ``stream`` (answers are read whole, so
+    streaming is refused).
+
+    Args:
+        body: the JSON body.
+        endpoint: the endpoint (``endpoint_of``); None tells it from the body.
     """
+    endpoint = endpoint or endpoint_of_body(body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         return f"model must be a string, got {_type_name(model)}"
@@ -232,13 +250,67 @@ def body_problem(body: Dict[str, Any]) -> Optional[str]:
     messages = body.get("messages")
     if messages is not None and (not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages)):
         return "messages must be a list of objects"
-    for name in ("input", "prompt"):
-        value = body.get(name)
-        if value is not None and not _is_text_or_tokens(value):
-            return f"{name} must be a string, a list of strings, or token arrays, got {_type_name(value)}"
+    value = body.get("input")
+    if endpoint == "responses":
+        if value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and all(isinstance(item, (dict, str)) for item in value)):
+            return f"input must be a string or a list of input items, got {_type_name(value)}"
+    elif value is not None and not _is_text_or_tokens(value):
+        return f"input must be a string, a list of strings, or token arrays, got {_type_name(value)}"
+    value = body.get("prompt")
+    if value is not None and not _is_text_or_tokens(value):
+        return f"prompt must be a string, a list of strings, or token arrays, got {_type_name(value)}"
     if body.get("stream") is True:
         return "streamed answers are not supported: remove \"stream\": true"
     return None
+
+
+def endpoint_of(url: str, body: Dict[str, Any]) -> str:
+    """A request's endpoint: from its URL's path when it says, else from its body (``endpoint_of_body``).
+
+    Returns:
+        "chat", "completions", "embeddings" or "responses".
+    """
+    return endpoint_of_url(url) or endpoint_of_body(body)
+
+
+def endpoint_of_url(url: str) -> Optional[str]:
+    """Tell the endpoint from a URL path, or None when the path does not say."""
+    path = url.split("?", 1)[0].rstrip("/")
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/embeddings"):
+        return "embeddings"
+    if path.endswith("/completions"):
+        return "completions"
+    if path.endswith("/responses"):
+        return "responses"
+    return None
+
+
+def endpoint_of_body(body: Dict[str, Any]) -> str:
+    """Tell the endpoint from a body alone: "chat", "responses", "embeddings" or "completions".
+
+    ``input`` belongs to both embeddings and the Responses API. A body is a Responses one when it
+    has a field only that API has (``instructions``, ``max_output_tokens``, ``reasoning``, ``tools``,
+    ``text``, ``previous_response_id``...) or input items that are objects, or when its model is
+    not an embedding model; otherwise it is an embeddings one.
+    """
+    if "messages" in body:
+        return "chat"
+    if "input" in body:
+        if RESPONSES_ONLY_FIELDS & body.keys():
+            return "responses"
+        value = body["input"]
+        if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+            return "responses"
+        model = body.get("model")
+        if isinstance(model, str) and model and not _is_embedding_model(model):
+            return "responses"
+        return "embeddings"
+    if "prompt" in body:
+        return "completions"
+    return "chat"
 
 
 def join_batch_url(request_url: str, path: str) -> str:
@@ -285,7 +357,7 @@ def _parse_batch_line(value: Dict[str, Any], raw: bytes, request_url: str, line_
         target = join_batch_url(request_url, url)
     except ValueError as error:
         return InvalidLine(line_index, str(error), text, custom_id)
-    problem = body_problem(body)
+    problem = body_problem(body, endpoint_of(target, body))
     if problem:
         return InvalidLine(line_index, problem, text, custom_id)
     return ParsedRequest(line_index, target, "POST", body, fast_json.dumps(body), custom_id=custom_id)
@@ -302,6 +374,12 @@ def _batch_path_problem(path: str) -> Optional[str]:
     if any(segment in ("..", ".") for segment in decoded.split("/")):
         return f"a batch line's url must not leave the base URL: {_short(path)}"
     return None
+
+
+def _is_embedding_model(model: str) -> bool:
+    """True for a model name that looks like an embedding model's (text-embedding-3-small, nomic-embed-text, bge-m3...)."""
+    name = model.lower().rsplit("/", 1)[-1]
+    return "embed" in name or name.startswith(EMBEDDING_MODEL_PREFIXES)
 
 
 def _is_text_or_tokens(value: Any) -> bool:

@@ -9,6 +9,11 @@ Features:
       encoded; image parts count a fixed amount), plus names, tool calls and tool definitions.
     - Completions: a string prompt, a list of strings, a token array or a list of token arrays.
     - Embeddings: a string, a list of strings, a token array or a list of token arrays.
+    - Responses (``/v1/responses``): ``input`` as a string or a list of items (messages whose
+      content is a string or ``input_text``/``output_text``/``input_image`` parts, tool calls and
+      their outputs), plus ``instructions``, ``tools`` and ``text.format``. The completion is
+      ``max_output_tokens``; when absent, the limits reserve the chat default (as the Cookbook
+      does) and a budget reserves ``default_output_tokens(model)`` (see ``budget_completion_tokens``).
     - The encoding follows the model (o200k_base for gpt-4o, gpt-4.1, gpt-5 and the o-series;
       cl100k_base for gpt-4, gpt-3.5 and text-embedding-*), unless a name is forced.
     - No network, ever. tiktoken downloads its data on first use, with no timeout. This module
@@ -43,17 +48,25 @@ from typing import Any, Dict, Optional, Tuple
 # Third-party imports
 import tiktoken
 
+# Local application imports
+from tasks.requests.request_formats import endpoint_of_body
+
 logger = logging.getLogger(__name__)
 
 # The completion size assumed when a chat request sets no max_tokens (as the Cookbook script does).
 DEFAULT_CHAT_COMPLETION_TOKENS = 15
 # The API's own default max_tokens for the legacy completions endpoint.
 DEFAULT_COMPLETIONS_MAX_TOKENS = 16
+# The output a Responses request without max_output_tokens is budgeted at: (model prefix, tokens), first match.
+DEFAULT_RESPONSES_OUTPUT_TOKENS = (("o1", 32_768), ("o3", 32_768), ("o4", 32_768), ("gpt-5", 32_768),
+                                   ("gpt-4.1", 8_192), ("gpt-4o", 4_096))
+DEFAULT_RESPONSES_OUTPUT_FALLBACK = 4_096
 # Fixed cost of one image part (the API's "low detail" price; high detail is tiled and costs more).
 IMAGE_PART_TOKENS = 85
 # The chat format's overhead: per message, per name, and priming of the reply.
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
+TOKENS_PER_ROLE = 1  # "user", "system", "developer" are one token each
 TOKENS_REPLY_PRIMING = 3
 
 # Where tiktoken would download each encoding from (its cache key) and the data's SHA-256.
@@ -120,6 +133,9 @@ class TokenEstimator:
         """The prompt's tokens, and the most completion tokens the request may use."""
         encoding = self.encoding_for(body.get("model") if isinstance(body.get("model"), str) else None)
         kind = endpoint or endpoint_of_body(body)
+        if kind == "responses":
+            completion = _whole(body.get("max_output_tokens"), DEFAULT_CHAT_COMPLETION_TOKENS)
+            return count_responses_input_tokens(body, encoding), completion
         if kind == "embeddings":
             return count_input_tokens(body.get("input"), encoding), 0
         if kind == "completions":
@@ -133,6 +149,58 @@ class TokenEstimator:
             body.get("max_completion_tokens", body.get("max_tokens")), DEFAULT_CHAT_COMPLETION_TOKENS
         )
         return prompt_tokens, completions * _whole(body.get("n"), 1)
+
+
+def budget_completion_tokens(body: Dict[str, Any], endpoint: Optional[str], completion_tokens: int) -> int:
+    """The completion tokens a cost budget reserves for a request: its stated maximum, or a default.
+
+    A Responses request without ``max_output_tokens`` may write up to the model's whole output
+    limit, so the budget reserves ``default_output_tokens(model)`` for it instead of the small
+    figure the rate limits use. Other requests reserve ``completion_tokens`` as estimated.
+    """
+    if (endpoint or endpoint_of_body(body)) == "responses" and body.get("max_output_tokens") is None:
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        return default_output_tokens(model)
+    return completion_tokens
+
+
+def default_output_tokens(model: Optional[str]) -> int:
+    """The output a Responses request without ``max_output_tokens`` is budgeted at (reasoning models write more)."""
+    name = (model or "").split(":")[-1] if (model or "").startswith("ft:") else (model or "")
+    for prefix, tokens in DEFAULT_RESPONSES_OUTPUT_TOKENS:
+        if name.startswith(prefix):
+            return tokens
+    return DEFAULT_RESPONSES_OUTPUT_FALLBACK
+
+
+def count_responses_input_tokens(body: Dict[str, Any], encoding: tiktoken.Encoding) -> int:
+    """Count a Responses request's input tokens: instructions, input items, tools and the text format.
+
+    Messages count as in chat (3 tokens each, their role, plus the reply's priming): a string input
+    is one user message and ``instructions`` one more message. Other items (tool calls, their
+    outputs) count their JSON.
+    """
+    total = 0
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        total += TOKENS_PER_MESSAGE + TOKENS_PER_ROLE + _count_text(instructions, encoding)
+    value = body.get("input")
+    if isinstance(value, str):
+        total += TOKENS_PER_MESSAGE + TOKENS_PER_ROLE + _count_text(value, encoding)
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, str):
+                total += TOKENS_PER_MESSAGE + TOKENS_PER_ROLE + _count_text(item, encoding)
+            elif isinstance(item, dict) and ("role" in item or item.get("type") == "message"):
+                total += TOKENS_PER_MESSAGE + _count_content(item.get("content"), encoding)
+                total += _count_text(item["role"], encoding) if isinstance(item.get("role"), str) else TOKENS_PER_ROLE
+            elif item is not None:
+                total += _count_text(json.dumps(item, separators=(",", ":")), encoding)
+    total += TOKENS_REPLY_PRIMING
+    for extra in ("tools", "text"):
+        if body.get(extra):
+            total += _count_text(json.dumps(body[extra], separators=(",", ":")), encoding)
+    return total
 
 
 def count_chat_prompt_tokens(body: Dict[str, Any], encoding: tiktoken.Encoding) -> int:
@@ -175,29 +243,6 @@ def count_input_tokens(value: Any, encoding: tiktoken.Encoding) -> int:
             return len(value)
         return sum(count_input_tokens(item, encoding) for item in value)
     return _count_text(json.dumps(value), encoding)
-
-
-def endpoint_of_body(body: Dict[str, Any]) -> str:
-    """Tell the endpoint from a body: "chat", "embeddings" or "completions"."""
-    if "messages" in body:
-        return "chat"
-    if "input" in body:
-        return "embeddings"
-    if "prompt" in body:
-        return "completions"
-    return "chat"
-
-
-def endpoint_of_url(url: str) -> Optional[str]:
-    """Tell the endpoint from a URL path, or None when the path does not say."""
-    path = url.split("?", 1)[0].rstrip("/")
-    if path.endswith("/chat/completions"):
-        return "chat"
-    if path.endswith("/embeddings"):
-        return "embeddings"
-    if path.endswith("/completions"):
-        return "completions"
-    return None
 
 
 def encoding_name_for_model(model: Optional[str]) -> str:
@@ -259,7 +304,7 @@ def _count_content(content: Any, encoding: tiktoken.Encoding) -> int:
     if isinstance(content, list):
         total = 0
         for part in content:
-            if isinstance(part, dict) and part.get("type") == "text":
+            if isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"):
                 total += _count_text(part.get("text", ""), encoding)
             elif isinstance(part, dict) and part.get("type") in ("image_url", "input_image"):
                 total += IMAGE_PART_TOKENS

@@ -41,8 +41,11 @@ MAX_RATE_LIMIT_WAITS = 50
 class Usage:
     """The tokens an answer says it used (0 where it does not say).
 
+    Chat, completions and embeddings report ``prompt_tokens``/``completion_tokens``; the Responses
+    API reports ``input_tokens``/``output_tokens``. Both are read.
+
     Attributes:
-        prompt_tokens, completion_tokens: as reported.
+        prompt_tokens, completion_tokens: as reported (input and output tokens for the Responses API).
         total_tokens: as reported, else their sum.
     """
 
@@ -56,8 +59,8 @@ class Usage:
         usage = body.get("usage") if isinstance(body, dict) else None
         if not isinstance(usage, dict):
             return None
-        prompt = usage.get("prompt_tokens")
-        completion = usage.get("completion_tokens")
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
         prompt = prompt if isinstance(prompt, int) else 0
         completion = completion if isinstance(completion, int) else 0
         total = usage.get("total_tokens")

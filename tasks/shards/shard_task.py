@@ -49,7 +49,7 @@ from tasks.limits.redis_engine import LimiterUnavailable
 from tasks.reporting.metrics import StatusTracker
 from tasks.requests.request_formats import InvalidLine, ParsedRequest, parse_line
 from tasks.requests.row_identity import NO_DIGEST
-from tasks.requests.token_estimation import endpoint_of_url
+from tasks.requests.token_estimation import budget_completion_tokens
 from tasks.shards.request_sender import RequestSender
 from tasks.shards.row_results import ResultRecorder, RowResult
 from tasks.shards.run_state import RunContext, Unpriceable
@@ -157,12 +157,13 @@ class ShardReader:
 
     async def _start_row(self, request: ParsedRequest, line_bytes: int) -> None:
         """Estimate, budget and queue one valid row (its send runs in a task of its own)."""
-        lane = self.context.limiter.lane_for(request.model, endpoint_of_url(request.url))
+        lane = self.context.limiter.lane_for(request.model, request.endpoint)
         prompt_tokens, completion_tokens = self._estimate(request, lane)
         tokens = prompt_tokens + completion_tokens
         budget = self.context.budget
         try:
-            reserved_usd = budget.reserve(request.model, prompt_tokens, completion_tokens)
+            reserved_usd = budget.reserve(request.model, prompt_tokens,
+                                          budget_completion_tokens(request.body, request.endpoint, completion_tokens))
         except Unpriceable as error:  # that row's error; the rest keep to the budget
             self.tracker.failed_unpriced += 1
             self.recorder.record(request, line_bytes, RowResult.local_error("unpriced_model", str(error)))
@@ -218,7 +219,7 @@ class ShardReader:
         if estimator is None:
             return 0, 0
         try:
-            prompt, completion = estimator.estimate_parts(request.body, endpoint_of_url(request.url))
+            prompt, completion = estimator.estimate_parts(request.body, request.endpoint)
         except Exception:  # an odd body must not stop the shard: fall back to a size-based guess
             prompt, completion = len(request.payload) // 4, 0
         self.tracker.tokens_estimated += prompt + completion
