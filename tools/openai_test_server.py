@@ -29,6 +29,8 @@ like the hosted API where that matters to a client:
       set; 429 ``insufficient_quota`` after ``--quota-after`` requests.
     - Faults: ``--fault-rate`` answers that share of requests with a 500, a 503, a 502 whose
       body is HTML (unreadable as JSON), or a dropped connection. It also adds latency.
+    - The Files and Batch API (``/v1/files``, ``/v1/batches``) on a time scale, with row faults,
+      partial expiry and the enqueued-token cap: see ``tools.batch_test_api``.
     - ``GET /_stats`` reports what was received (counts by status, arrival times, the most
       requests accepted in any slice, bodies received more than once); ``POST /_reset`` clears it.
 
@@ -60,6 +62,7 @@ from aiohttp import web
 
 # Local application imports
 from tasks.requests.token_estimation import load_encoding
+from tools.batch_test_api import BatchTestApi
 
 
 @dataclass
@@ -80,6 +83,12 @@ class ServerConfig:
         model_limits: limits of their own for some models: {model: (requests_per_minute, tokens_per_minute)}.
         dialect: the rate-limit header dialect (see the module docstring).
         daily_requests: the daily request budget the ``groq`` dialect states and enforces.
+        batch_rows_per_second: how fast a batch's rows are answered (``tools.batch_test_api``).
+        batch_validating_seconds: how long a batch stays ``validating``.
+        batch_row_fault_rate: the share of batch rows answered 500 in the error file.
+        batch_expire_fraction: a batch expires once this share of its rows is done (None: never).
+        batch_expire_count: only the first N batches expire (None: all of them).
+        batch_queue_tokens: the cap on one model's enqueued input tokens (None: no cap).
     """
 
     requests_per_minute: Optional[float] = None
@@ -95,6 +104,12 @@ class ServerConfig:
     model_limits: Dict[str, Tuple[Optional[float], Optional[float]]] = field(default_factory=dict)
     dialect: str = "openai"
     daily_requests: Optional[int] = None
+    batch_rows_per_second: float = 2000.0
+    batch_validating_seconds: float = 0.2
+    batch_row_fault_rate: float = 0.0
+    batch_expire_fraction: Optional[float] = None
+    batch_expire_count: Optional[int] = None
+    batch_queue_tokens: Optional[int] = None
 
 
 DIALECTS = ("openai", "window", "azure", "groq", "anthropic", "ietf", "ietf-legacy", "x-ratelimit-window", "none")
@@ -177,15 +192,17 @@ class OpenAITestServer:
         self._slices: Dict[str, List[float]] = {}  # limit key -> [slice id, requests, tokens]
         self._buckets: Dict[Tuple[str, str], RefillingBucket] = {}  # (limit key, scope) -> the stated bucket
         self._accepted_total = 0
+        self.batch_api = BatchTestApi(self)
         if config.dialect not in DIALECTS:
             raise ValueError(f"unknown dialect {config.dialect!r}; one of {', '.join(DIALECTS)}")
 
     def build_app(self) -> web.Application:
         """The aiohttp application."""
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=256 * 1024 * 1024)  # batch input files are up to 200 MB
         for endpoint in ("chat/completions", "completions", "embeddings", "responses"):
             app.router.add_post(f"/v1/{endpoint}", self._handle)
             app.router.add_post(f"/openai/deployments/{{deployment}}/{endpoint}", self._handle)
+        self.batch_api.add_routes(app)
         app.router.add_get("/_stats", self._stats)
         app.router.add_post("/_reset", self._reset)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
@@ -238,9 +255,46 @@ class OpenAITestServer:
             return self._error(int(fault), "server_error", None, "The server had an error while processing your request.")
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
-        self.stats.answered_bodies[body_hash] += 1
+        self.stats.answered_bodies[_body_key(body)] += 1
         return web.json_response(_answer(endpoint, body, model, prompt_tokens, completion_tokens),
                                  headers=self._limit_headers(now, model))
+
+    def stats_view(self) -> Dict[str, Any]:
+        """What ``/_stats`` reports: the online stats, and the Batch API's under ``batches``."""
+        return dict(self.stats.as_dict(), batches=self.batch_api.stats_view())
+
+    def answer_batch_line(self, path: str, body: Any) -> Tuple[int, Dict[str, Any]]:
+        """Answer one Batch API request line (its own rate-limit pool: no limits, no faults): (status, body).
+
+        Its usage is counted in the stats, and its body as answered (``bodies_answered_more_than_once``
+        covers online and batch answers alike).
+        """
+        endpoint = _endpoint_of_path(path)
+        if not isinstance(body, dict):
+            return 400, {"error": {"message": "The request body must be a JSON object.", "type": "invalid_request_error",
+                                   "param": None, "code": None}}
+        model = body.get("model")
+        problem = None if isinstance(model, str) and model else "you must provide a model parameter"
+        if problem is None and model.startswith("unknown-"):
+            return 404, {"error": {"message": f"The model `{model}` does not exist or you do not have access to it.",
+                                   "type": "invalid_request_error", "param": None, "code": "model_not_found"}}
+        problem = problem or _validate(endpoint, body)
+        if problem:
+            return 400, {"error": {"message": problem, "type": "invalid_request_error", "param": None, "code": None}}
+        prompt_tokens, completion_tokens = _usage(endpoint, body, model)
+        self.stats.prompt_tokens += prompt_tokens
+        self.stats.completion_tokens += completion_tokens
+        self.stats.answered_bodies[_body_key(body)] += 1
+        return 200, _answer(endpoint, body, model, prompt_tokens, completion_tokens)
+
+    def queued_tokens_of(self, path: str, body: Any) -> int:
+        """The tokens one batch line adds to its model's enqueued tokens: its input tokens."""
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return 0
+        try:
+            return _usage(_endpoint_of_path(path), body, body["model"])[0]
+        except Exception:  # an invalid body is answered 400 later; it queues nothing
+            return 0
 
     def _limits_of(self, model: str) -> Tuple[str, Optional[float], Optional[float]]:
         """The key and (RPM, TPM) limits a model's requests count against."""
@@ -410,7 +464,7 @@ class OpenAITestServer:
 
     async def _stats(self, request: web.Request) -> web.Response:
         """GET /_stats."""
-        return web.json_response(self.stats.as_dict())
+        return web.json_response(self.stats_view())
 
     async def _reset(self, request: web.Request) -> web.Response:
         """POST /_reset."""
@@ -445,7 +499,7 @@ class RunningServer:
 
     def stats(self) -> Dict[str, Any]:
         """The server's stats (read on its own loop)."""
-        return asyncio.run_coroutine_threadsafe(_call(self.server.stats.as_dict), self._loop).result(10)
+        return asyncio.run_coroutine_threadsafe(_call(self.server.stats_view), self._loop).result(10)
 
     def reset(self) -> None:
         """Clear the stats."""
@@ -526,6 +580,14 @@ def parse_arguments() -> argparse.Namespace:
                         help="rate-limit header dialect (default: %(default)s; see the module docstring)")
     parser.add_argument("--daily-requests", type=int, default=None,
                         help="a daily request budget (stated by the groq dialect, enforced by all)")
+    parser.add_argument("--batch-rows-per-second", type=float, default=2000.0,
+                        help="how fast batch rows are answered (default: %(default)s)")
+    parser.add_argument("--batch-row-fault-rate", type=float, default=0.0, help="share of batch rows answered 500")
+    parser.add_argument("--batch-expire-fraction", type=float, default=None,
+                        help="batches expire once this share of their rows is done (default: never)")
+    parser.add_argument("--batch-expire-count", type=int, default=None, help="only the first N batches expire")
+    parser.add_argument("--batch-queue-tokens", type=int, default=None,
+                        help="cap on one model's enqueued batch input tokens (default: none)")
     parser.add_argument("--port-file", default=None, help="write the chosen port to this file once listening")
     return parser.parse_args()
 
@@ -536,7 +598,10 @@ async def serve_forever(args: argparse.Namespace) -> None:
                           fault_rate=args.fault_rate, latency_seconds=args.latency,
                           latency_jitter_seconds=args.latency_jitter, api_key=args.api_key,
                           quota_after=args.quota_after, retry_after_seconds=args.retry_after, seed=args.seed,
-                          dialect=args.dialect, daily_requests=args.daily_requests)
+                          dialect=args.dialect, daily_requests=args.daily_requests,
+                          batch_rows_per_second=args.batch_rows_per_second, batch_row_fault_rate=args.batch_row_fault_rate,
+                          batch_expire_fraction=args.batch_expire_fraction, batch_expire_count=args.batch_expire_count,
+                          batch_queue_tokens=args.batch_queue_tokens)
     app, _ = build_application(config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -593,6 +658,11 @@ def _endpoint_of_path(path: str) -> str:
     if path.endswith("/responses"):
         return "responses"
     return "completions"
+
+
+def _body_key(body: Dict[str, Any]) -> str:
+    """A body's identity for "answered more than once": the same request online or in a batch line."""
+    return hashlib.sha1(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _has_key(request: web.Request, key: str) -> bool:
