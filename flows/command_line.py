@@ -17,7 +17,11 @@ rate-limit headers in any dialect, window derived (or, when no header states it,
 429s, starting at the Cookbook's 1,500 RPM and 125,000 TPM), and any limit is lowered to what the
 server says. ``--logging_level`` takes a number (20) or a name (INFO).
 
-Exit status: 0 when every row has its result line (failed rows are counted in the summary);
+Batch mode (``--mode batch``) sends the job through the OpenAI Batch API instead: see
+``tasks.batch.batch_runner``. ``--batch-submit-only`` submits and exits; the same command later collects.
+
+Exit status: 0 when every row has its result line (failed rows are counted in the summary), or
+when ``--batch-submit-only`` left batches running;
 1 with a one-line reason when the run stopped early, when another run of the same job holds its
 lock, or when the key cannot be sent; 2 for bad arguments or a missing input.
 """
@@ -34,9 +38,13 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 # Local application imports
 from tasks.job.settings import (
+    BATCH_FALLBACKS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_IN_FLIGHT,
+    MAX_BATCH_REQUESTS,
     MAX_SHARDS,
+    MODES,
+    check_batch_settings,
     job_paths,
     validate_settings,
 )
@@ -60,6 +68,8 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
                           args.max_in_flight, args.shards, args.burst_seconds, args.target_utilization,
                           args.limiter, args.shard_deployment, args.dask_cluster,
                           uris=job_paths(args.requests_filepath, args.save_filepath, args.work_dir))
+        check_batch_settings(args.mode, args.batch_fallback, args.batch_queue_tokens, args.batch_max_requests,
+                             args.budget_usd, args.shard_deployment, args.dask_cluster)
         _check_input(args.requests_filepath)
         if args.api_key_from_flag and (args.shard_deployment or (args.dask_cluster or "").startswith("tcp://")):
             raise ValueError("--api_key cannot reach child runs or remote Dask workers; set OPENAI_API_KEY in "
@@ -108,6 +118,13 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         shard_deployment=args.shard_deployment,
         dask_cluster=args.dask_cluster,
         wait_for_lock=args.wait_for_lock,
+        mode=args.mode,
+        batch_submit_only=args.batch_submit_only,
+        batch_fallback=args.batch_fallback,
+        keep_batch_files=args.keep_batch_files,
+        cancel_batches=args.cancel_batches,
+        batch_queue_tokens=args.batch_queue_tokens,
+        batch_max_requests=args.batch_max_requests,
     )
     with embedded_api.settings() if embedded_api else contextlib.nullcontext():
         final_state = asyncio.run(flow_function(**parameters, return_state=True))
@@ -186,6 +203,22 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
              "or a scheduler address such as tcp://10.0.0.5:8786 (needs --limiter)")
     add("wait_for_lock", action="store_true",
         help="when another run of the same job (same output) is in progress, wait for it instead of exiting 1")
+    add("mode", default="online", choices=MODES,
+        help="online: each request under the rate limits; batch: through the OpenAI Batch API, at half the price, "
+             "answered within 24 hours (default: %(default)s)")
+    add("batch_submit_only", action="store_true",
+        help="batch mode: submit (and collect what has ended), never wait; run the same command later to collect")
+    add("batch_fallback", default="batch", choices=BATCH_FALLBACKS,
+        help="batch mode: rows an expired or failed batch left go into a new batch, or online (default: %(default)s)")
+    add("keep_batch_files", action="store_true", help="batch mode: keep the input and result files on the server")
+    add("cancel_batches", action="store_true",
+        help="batch mode: on Ctrl-C, cancel the running batches (default: they keep running, paid for, and the "
+             "next run collects them)")
+    add("batch_queue_tokens", type=int, default=None,
+        help="batch mode: the enqueued-token cap per model (your batch queue limit); files go in as earlier ones "
+             "finish (default: learned from the first refusal)")
+    add("batch_max_requests", type=int, default=MAX_BATCH_REQUESTS,
+        help="batch mode: the most requests per batch file (default: %(default)s, the API's limit)")
     args = parser.parse_args(argv)
     args.api_key_from_flag = args.api_key is not None
     if args.api_key is None:
@@ -208,6 +241,8 @@ def format_cli_summary(summary: Dict[str, Any]) -> str:
     rate = totals["requests_per_minute"]
     against = f" ({100.0 * rate / limit:.0f}% of the {limit:,.0f} limit)" if limit else ""
     state = "complete" if summary["complete"] else f"STOPPED: {summary['stop_reason'] or 'incomplete'}"
+    if not summary["complete"] and not summary["stop_reason"] and summary.get("batches"):
+        state = "waiting for batches (run the same command again to collect them)"
     return (
         f"parallel-requests {state} in {summary['duration_seconds']:.1f} s\n"
         f"  rows {totals['rows']:,}: {totals['resumed_rows']:,} resumed "
@@ -223,6 +258,7 @@ def format_cli_summary(summary: Dict[str, Any]) -> str:
         f"  tokens estimated {totals['tokens_estimated']:,}; used "
         f"{totals['prompt_tokens_used'] + totals['completion_tokens_used']:,}; cost ${totals['cost_usd']:,.4f}\n"
         + "".join(f"  limit: {text}\n" for text in summary.get("limits_in_force") or [])
+        + "".join(f"  batches: {text}\n" for text in summary.get("batches") or [])
         + f"  results: {summary['output']}"
         + (f" ({summary['output_note']})" if summary.get("output_note") else "")
     )

@@ -69,7 +69,14 @@ from tasks.reporting.metrics import (
 )
 from tasks.reporting.dry_run import plan_dry_run
 from tasks.requests.pricing import PriceTable, format_usd
-from tasks.job.settings import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_IN_FLIGHT, default_save_path, validate_settings
+from tasks.job.settings import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_IN_FLIGHT,
+    MAX_BATCH_REQUESTS,
+    check_batch_settings,
+    default_save_path,
+    validate_settings,
+)
 from tasks.limits.learned_limits import (
     FALLBACK_REQUESTS_PER_MINUTE,
     FALLBACK_TOKENS_PER_MINUTE,
@@ -84,7 +91,8 @@ from tasks.requests.request_formats import DEFAULT_REQUEST_URL
 from tasks.storage.results_storage import IncompleteOutput, PartInfo, assemble_output, count_lines
 from tasks.storage.row_reuse import reuse_paid_answers
 from tasks.platform.prefect_blocks import resolve_api_key, transport_params_for
-from tasks.shards.runner import EngineSettings, ShardJob, ShardPlacement, run_shards_here
+from tasks.batch.batch_runner import BatchSettings, merge_batch_counts, run_batches
+from tasks.shards.runner import EngineSettings, ShardJob, ShardOutcome, ShardPlacement, run_shards_here
 from tasks.shards.sharding import detect_source_shape, plan_shards
 from tasks.storage.uris import (
     abort_stale_uploads,
@@ -133,6 +141,13 @@ async def parallel_requests(
     shard_deployment: Optional[str] = None,
     dask_cluster: Optional[str] = None,
     wait_for_lock: bool = False,
+    mode: str = "online",
+    batch_submit_only: bool = False,
+    batch_fallback: str = "batch",
+    keep_batch_files: bool = False,
+    cancel_batches: bool = False,
+    batch_queue_tokens: Optional[int] = None,
+    batch_max_requests: int = MAX_BATCH_REQUESTS,
 ) -> State:
     """Send every request of a JSONL file through one shared rate-limit engine and save the results.
 
@@ -183,6 +198,18 @@ async def parallel_requests(
             ``tcp://10.0.0.5:8786``. Needs ``limiter`` (and ``work_dir`` reachable by every worker).
         wait_for_lock: when another run of the same job (the same output) is in progress, wait for it
             to finish instead of failing at once. Either way no row is sent twice.
+        mode: ``online`` sends each request under the rate limits; ``batch`` sends the job through the
+            OpenAI Batch API (half the price, results within 24 hours; see ``tasks.batch.batch_runner``).
+        batch_submit_only: batch mode: submit and collect what has ended, never wait; the same call later
+            collects the rest and submits nothing twice (for a scheduled deployment).
+        batch_fallback: batch mode: where rows an expired or failed batch left go: ``batch`` (a new batch)
+            or ``online`` (the online engine, once no batch runs).
+        keep_batch_files: batch mode: keep the input and result files on the server.
+        cancel_batches: batch mode: cancel the running batches when the run is interrupted (by default
+            they keep running, paid for, and the next run collects them).
+        batch_queue_tokens: batch mode: the enqueued-token cap per model (OpenAI's batch queue limit);
+            None learns it from the first refusal.
+        batch_max_requests: batch mode: the most requests per batch file (the API allows 50,000).
 
     Returns:
         A Completed state when every row has its result, a Failed state naming the reason
@@ -194,6 +221,8 @@ async def parallel_requests(
     validate_settings(max_requests_per_minute, max_tokens_per_minute, max_attempts, max_in_flight, shards,
                       burst_seconds, target_utilization, limiter, shard_deployment, dask_cluster,
                       uris=(requests_filepath, save_filepath, work_dir or default_work_dir(save_filepath)))
+    check_batch_settings(mode, batch_fallback, batch_queue_tokens, batch_max_requests, budget_usd, shard_deployment,
+                         dask_cluster)
     try:
         api_key = check_api_key(await resolve_api_key(api_key_env_var, api_key_secret_block))
     except ValueError as error:  # a key the HTTP stack would refuse: stop before anything is marked failed
@@ -231,16 +260,19 @@ async def parallel_requests(
                                   limiter, limiter_name),
         )
         placement = ShardPlacement(shards, shard_deployment, dask_cluster, run_concurrency_limit)
+        batch = None if mode == "online" else BatchSettings(
+            submit_only=batch_submit_only, fallback=batch_fallback, keep_files=keep_batch_files,
+            cancel_on_interrupt=cancel_batches, queue_tokens=batch_queue_tokens, max_requests=batch_max_requests)
         return await _run_job(logger, started, job, placement, requests_filepath, save_filepath, work, lock, api_key,
-                              transport_params)
+                              transport_params, batch)
     finally:
         await asyncio.to_thread(lock.release)
 
 
 async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardPlacement, requests_filepath: str,
                    save_filepath: str, work: WorkLocation, lock: JobLock, api_key: Optional[str],
-                   transport_params: Optional[Dict[str, Any]]) -> State:
-    """The job, with its lock held: resume or start, reuse paid answers, run the shards, finish the output."""
+                   transport_params: Optional[Dict[str, Any]], batch: Optional[BatchSettings] = None) -> State:
+    """The job, with its lock held: resume or start, reuse paid answers, run the shards (or the batches), finish the output."""
     try:
         work.reload()
         abort_stale_uploads(save_filepath, transport_params)
@@ -284,7 +316,10 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
         try:
             if placement.shard_deployment or placement.dask_cluster:
                 await check_limiter(str(job.engine.limiter))  # the shards' engines share it: check it is there
-            if placement.shard_deployment:
+            if batch is not None:
+                outcome, batches = await _run_batch_mode(logger, job, batch, shard_specs, part_paths, work, progress,
+                                                         size, api_key, transport_params, lock)
+            elif placement.shard_deployment:
                 outcome = await run_shards_as_child_runs(placement.shard_deployment, job, shard_specs, part_paths,
                                                          work.generation, progress)
             elif placement.dask_cluster:
@@ -298,6 +333,8 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
             logger.error("%s", error)
             return Failed(message=str(error))
     trackers = outcome.trackers
+    if batch is None:
+        batches = None
     if lock.lost.is_set():
         message = "another run took this job's lock while this one ran; this run leaves the output to it"
         logger.error("%s", message)
@@ -336,9 +373,14 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
         max_tokens_per_minute=finite_limit(lower_limit(job.engine.max_tokens_per_minute, outcome.learned_tokens)),
         stop_reason=outcome.stop_reason, error_examples=report.invalid_line_examples + outcome.error_examples,
         duration_seconds=time.monotonic() - started, reused_rows=work.reused_rows, output_note=output_note,
-        limit_notes=outcome.limit_notes,
+        limit_notes=outcome.limit_notes, batch_notes=batches.notes() if batches else [],
     )
     await publish_run_artifacts(summary)
+    if batches is not None and not summary.complete and summary.stop_reason is None and batches.waiting_on_server:
+        message = (f"{batches.live_batches} batch(es) running on the server, {batches.waiting_files} file(s) waiting "
+                   "to be submitted; run the same command again to collect them")
+        logger.info("%s", message)
+        return Completed(message=message, data=summary.to_dict())
     if summary.complete:
         kill_point("manifest")
         work.mark_complete(report.rows_written, report.local_errors, output_size(save_filepath, transport_params))
@@ -353,6 +395,27 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
 
 
 # Helpers
+
+
+async def _run_batch_mode(logger: Any, job: ShardJob, batch: BatchSettings, shard_specs: Any, part_paths: Any,
+                          work: WorkLocation, progress: RunProgress, size: int, api_key: Optional[str],
+                          transport_params: Optional[Dict[str, Any]], lock: JobLock) -> Any:
+    """Batch mode: the batches, then (``fallback="online"``, once no batch runs) the rows they left, online."""
+    result = await run_batches(job, batch, shard_specs, part_paths, work.generation_path, work.generation, progress,
+                               api_key, transport_params, lock.lost)
+    outcome = ShardOutcome(trackers=result.trackers, stop_reason=result.stop_reason,
+                           error_examples=list(result.error_examples))
+    left = sum(tracker.rows - tracker.rows_done for tracker in result.trackers)
+    if batch.fallback == "online" and left and result.stop_reason is None and not result.waiting_on_server:
+        logger.info("%d rows the batches left go through the online engine", left)
+        progress.total_bytes, progress.done_bytes = size, 0
+        with _collector_tuned_for_sending():
+            online = await run_shards_here(job, shard_specs, part_paths, work.generation, progress, api_key,
+                                           transport_params, lock.lost)
+        online.trackers = [merge_batch_counts(tracker, counts) for tracker, counts in zip(online.trackers, result.trackers)]
+        online.error_examples = list(result.error_examples) + online.error_examples
+        outcome = online
+    return outcome, result
 
 
 @contextlib.contextmanager

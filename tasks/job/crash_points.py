@@ -12,7 +12,9 @@ Usage:
 The points: ``assembly`` (half the rows written to the temporary output), ``rename`` (the
 temporary output complete, before it is renamed or the upload completed), ``manifest`` (the
 output in place, the manifest not yet marked complete), ``cleanup`` (marked complete, nothing
-cleaned yet).
+cleaned yet). Batch mode: ``batch-creating`` (the creation token recorded, the batch not yet
+created), ``batch-created`` (created on the server, its id not yet recorded), ``batch-downloaded``
+(its results downloaded, not yet read into the parts).
 """
 
 # Standard library imports

@@ -20,6 +20,11 @@ from tasks.job.work_location import default_work_dir
 
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_MAX_IN_FLIGHT = 200
+# The run's modes, and where rows a batch left go.
+MODES = ("online", "batch")
+BATCH_FALLBACKS = ("batch", "online")
+# The Batch API's most requests per input file.
+MAX_BATCH_REQUESTS = 50_000
 # The most shards a run may have: each holds a part file and an input handle open while it runs.
 MAX_SHARDS = 256
 
@@ -79,6 +84,29 @@ def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_m
         raise ValueError(f"the output would overwrite the input {uris[0]}; choose another --save_filepath")
     if len(paths) >= 3 and paths[2] and paths[2] in paths[:2]:
         raise ValueError(f"the work folder cannot be the input or the output ({uris[2]}); choose another --work-dir")
+
+
+def check_batch_settings(mode: str, batch_fallback: str, batch_queue_tokens: Optional[int], batch_max_requests: int,
+                         budget_usd: Optional[float] = None, shard_deployment: Optional[str] = None,
+                         dask_cluster: Optional[str] = None) -> None:
+    """Reject batch-mode settings the run cannot work with.
+
+    Raises:
+        ValueError: naming the setting and the value.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if batch_fallback not in BATCH_FALLBACKS:
+        raise ValueError(f"batch_fallback must be one of {', '.join(BATCH_FALLBACKS)}, got {batch_fallback!r}")
+    if batch_queue_tokens is not None and (isinstance(batch_queue_tokens, bool) or batch_queue_tokens < 1):
+        raise ValueError(f"batch_queue_tokens must be a whole number of at least 1, got {batch_queue_tokens!r}")
+    if not 1 <= batch_max_requests <= MAX_BATCH_REQUESTS:
+        raise ValueError(f"batch_max_requests must be from 1 to {MAX_BATCH_REQUESTS:,}, got {batch_max_requests!r}")
+    if mode == "batch" and budget_usd is not None:
+        raise ValueError("budget_usd is not supported in batch mode yet: a batch's cost is known only when it ends "
+                         "(use --dry-run for the estimate)")
+    if mode == "batch" and (shard_deployment or dask_cluster):
+        raise ValueError("batch mode runs its batches from this process: drop shard_deployment / dask_cluster")
 
 
 def default_save_path(requests_filepath: str) -> str:

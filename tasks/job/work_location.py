@@ -7,6 +7,7 @@ A job is its output. Its work folder holds:
     <work>/gen-<id>/shard-00003-of-00016.part each shard's rows, appended as they finish (kept: the paid answers)
     <work>/gen-<id>/earlier-answers.jsonl     answers of earlier generations, by row identity (``tasks.storage.row_reuse``)
     <work>/gen-<id>/input.jsonl               the decompressed copy of a compressed input (removed when done)
+    <work>/gen-<id>/batches.json, batch-*     batch mode's ledger and batch files (``tasks.batch``; removed when done)
 
 A generation is the work on one input content (its bytes, ``tasks.storage.uris.input_fingerprint``)
 and one request URL. The same command after a crash, ``kill -9``, a quota stop or Ctrl-C finds
@@ -57,9 +58,11 @@ TOOL = "prefect-parallel-requests"
 DECOMPRESSED_INPUT = "input.jsonl"
 EARLIER_ANSWERS = "earlier-answers.jsonl"
 # Names this module creates in a generation folder, and only these are ever deleted.
-OWN_FILES = re.compile(r"^(shard-\d{5}-of-\d{5}\.part(\.tracker\.json(\.tmp-\d+)?)?|input\.jsonl|earlier-answers\.jsonl)$")
+BATCH_FILES = r"batches\.json(\.tmp-\d+)?|batch-\d{5}\.(jsonl|rows|output\.jsonl|errors\.jsonl)(\.download)?"
+OWN_FILES = re.compile(r"^(shard-\d{5}-of-\d{5}\.part(\.tracker\.json(\.tmp-\d+)?)?|input\.jsonl|earlier-answers\.jsonl|"
+                       + BATCH_FILES + ")$")
 # What a finished generation no longer needs: the decompressed input and child runs' counts.
-SCRATCH_FILES = re.compile(r"^(shard-\d{5}-of-\d{5}\.part\.tracker\.json(\.tmp-\d+)?|input\.jsonl)$")
+SCRATCH_FILES = re.compile(r"^(shard-\d{5}-of-\d{5}\.part\.tracker\.json(\.tmp-\d+)?|input\.jsonl|" + BATCH_FILES + ")$")
 
 
 class WorkFolderRefused(RuntimeError):

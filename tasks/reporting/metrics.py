@@ -200,6 +200,7 @@ class RunSummary:
         output_note: what happened to the output when it was not written (a better one was kept).
         limit_notes: the limits in force and where each came from ("20 requests per 2 s (learned from
             x-ratelimit headers)"), and budgets the server states.
+        batch_notes: in batch mode, where the job's batches stand ("3 batches: 2 completed, 1 in progress").
     """
 
     source: str
@@ -214,6 +215,7 @@ class RunSummary:
     reused_rows: int = 0
     output_note: Optional[str] = None
     limit_notes: List[str] = field(default_factory=list)
+    batch_notes: List[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -237,6 +239,7 @@ class RunSummary:
             "reused_rows": self.reused_rows,
             "output_note": self.output_note,
             "limits_in_force": self.limit_notes,
+            "batches": self.batch_notes,
             "shards": [shard.table_row() for shard in self.shards],
             "error_examples": self.error_examples,
         }
@@ -273,7 +276,8 @@ class RunSummary:
             f"| cost (from usage) | ${totals.cost_usd:,.4f}"
             f"{f' (+ {totals.unpriced_requests:,} requests of models with no price)' if totals.unpriced_requests else ''} |",
             f"| duration | {self.duration_seconds:,.1f} s |",
-        ] + [f"| limit in force | {text} |" for text in self.limit_notes]
+        ] + [f"| limit in force | {text} |" for text in self.limit_notes] + [
+            f"| batches | {text} |" for text in self.batch_notes]
         if totals.retries_by_cause:
             lines += ["", "Retries by cause: " + ", ".join(f"{cause} {count}" for cause, count in sorted(totals.retries_by_cause.items()))]
         if self.error_examples:

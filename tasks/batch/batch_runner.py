@@ -1,0 +1,515 @@
+"""Batch mode: the job's rows through the OpenAI Batch API, at half the price, never submitted twice.
+
+``run_batches`` drives a job's batch files (``tasks.batch.batch_files``) through their states in
+the ledger (``tasks.batch.batch_ledger``):
+
+    1. Plan once per input: every shard is read into batch files (one model and one endpoint per
+       file, Batch API limits kept). Invalid lines get their error records at once.
+    2. Submit what fits: upload the file, record the creation token, create the batch (metadata names
+       the job, the file and the token), record its id. A run that died between the create and the
+       record finds its batch by that token instead of creating another. Under an enqueued-token cap
+       (``--batch-queue-tokens``, or learned from a ``token_limit_exceeded`` refusal: OpenAI's message
+       states the limit; else what was queued when it came) a file goes in only when the model's
+       queued estimate leaves room. While no cap is known, one batch of a model is validated at a
+       time, so a refusal can come only once.
+    3. Each submitted batch is an async Prefect task named after its file and batch id: it polls the
+       batch with backoff (1 s, growing to ``poll_max_seconds``), keeps the progress artifact moving
+       with the batch's ``request_counts``, and when the batch ends downloads its output and error
+       files and writes every row's record (``tasks.batch.batch_results``). Rows an expiry, a
+       cancel or a retryable error left go into new files (``fallback="batch"``) or to the online
+       engine afterwards (``fallback="online"``). Input files are deleted from the server once their
+       batch ended, result files once read (unless ``keep_files``).
+    4. ``submit_only``: submit what fits, collect what has ended, and return without waiting. The
+       same command later does the rest and submits nothing twice.
+
+Ctrl-C (cancellation) leaves the batches running: they are paid for, and the next run collects
+them. With ``cancel_on_interrupt`` they are cancelled first; the next run collects what they finished.
+
+Usage:
+    >>> outcome = await run_batches(job, BatchSettings(), shards, part_paths, work, progress, api_key)
+    >>> outcome.trackers, outcome.live_batches, outcome.online_rows
+"""
+
+# Standard library imports
+import asyncio
+import contextlib
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+# Third-party imports
+import aiohttp
+from prefect import get_run_logger, task
+from prefect.artifacts import acreate_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.utilities.annotations import quote
+
+# Local application imports
+from tasks.batch.batch_api import BatchApi, BatchApiError
+from tasks.batch.batch_files import BatchFileLimits, plan_batch_files, write_retry_files
+from tasks.batch.batch_ledger import TERMINAL_STATUSES, BatchFile, BatchLedger
+from tasks.batch.batch_results import collect_batch_results
+from tasks.job.crash_points import kill_point
+from tasks.reporting.metrics import RunProgress, StatusTracker
+from tasks.requests.pricing import PriceTable
+from tasks.requests.request_formats import RequestShape
+from tasks.requests.token_estimation import TokenEstimator
+from tasks.shards.run_state import ErrorExamples
+from tasks.shards.runner import ShardJob
+from tasks.shards.sharding import ShardSpec
+from tasks.storage.results_storage import PartWriter, read_part_state
+
+# The table artifact of the job's batches.
+BATCHES_TABLE_KEY = "parallel-requests-batches"
+# Share of a stated enqueued-token limit the run fills (the server counts tokens its own way).
+QUEUE_MARGIN = 0.95
+# A lineage of batch files that ended this many times in a row with nothing done stops the run.
+MAX_STALLS = 3
+# OpenAI's refusal message states the limit: "... Limit: 2,000,000 enqueued tokens ...".
+STATED_QUEUE_LIMIT = re.compile(r"Limit:\s*([\d,]+)\s*enqueued", re.IGNORECASE)
+# How many times one file may be refused for the enqueued-token cap before its rows fail (a row alone above the cap).
+MAX_REFUSALS = 4
+# How many batches the search for a lost creation reads, at most.
+SEARCH_LIMIT = 2000
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How batch mode runs.
+
+    Attributes:
+        submit_only: submit and collect what is ready, never wait for a batch.
+        fallback: "batch" (rows left by an expiry or failure go into a new batch) or "online".
+        keep_files: keep the input and result files on the server.
+        cancel_on_interrupt: cancel the running batches when the run is interrupted (Ctrl-C).
+        queue_tokens: the enqueued-token cap per model, or None (learned from a refusal).
+        max_requests: the most requests per batch file (the API allows 50,000).
+        poll_max_seconds: the longest wait between two polls of a batch.
+    """
+
+    submit_only: bool = False
+    fallback: str = "batch"
+    keep_files: bool = False
+    cancel_on_interrupt: bool = False
+    queue_tokens: Optional[int] = None
+    max_requests: int = 50_000
+    poll_max_seconds: float = 30.0
+
+
+@dataclass
+class BatchOutcome:
+    """What a run of batch mode gave.
+
+    Attributes:
+        trackers: each shard's counts, in shard order.
+        stop_reason: why the run ended before every row had its result (None: complete, or submitted only).
+        error_examples: a few error texts.
+        live_batches: batches still running on the server (submit-only, or stopped early).
+        waiting_files: files not yet submitted (the queue had no room, or submit-only).
+        online_rows: rows left for the online engine (``fallback="online"``).
+        batches: the batches table (one dict per batch file).
+    """
+
+    trackers: List[StatusTracker]
+    stop_reason: Optional[str] = None
+    error_examples: List[str] = field(default_factory=list)
+    live_batches: int = 0
+    waiting_files: int = 0
+    online_rows: int = 0
+    batches: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def waiting_on_server(self) -> bool:
+        """Batches still run, or files wait to be submitted: the next run has work to collect."""
+        return bool(self.live_batches or self.waiting_files)
+
+    def notes(self) -> List[str]:
+        """Where the batches stand, in words, for the summary."""
+        if not self.batches:
+            return []
+        by_status: Dict[str, int] = {}
+        for row in self.batches:
+            if row["state"] == "collected" and (row["note"] or "").startswith("split into"):
+                continue
+            status = row["status"] or ("waiting to be submitted" if row["state"] in ("planned", "uploaded") else row["state"])
+            by_status[status] = by_status.get(status, 0) + 1
+        counts = ", ".join(f"{count} {status}" for status, count in sorted(by_status.items()))
+        notes = [f"{sum(by_status.values())} batch file(s): {counts}; cost at Batch API prices"]
+        notes += [f"{row['file']} (batch {row['batch_id']}): {row['note']}" for row in self.batches
+                  if row["note"] and not row["note"].startswith("split into")][:5]
+        return notes
+
+
+def merge_batch_counts(online: StatusTracker, batch: StatusTracker) -> StatusTracker:
+    """A shard's counts when the online engine finished what the batches left: the online run counted
+    the rows the batches settled in this run as resumed; they are the batches' rows."""
+    settled = batch.rows_done - batch.resumed_rows
+    online.resumed_rows -= settled
+    for name in ("succeeded", "invalid_lines", "failed_invalid_request", "failed_after_retries", "failed_too_large",
+                 "failed_unpriced", "prompt_tokens_used", "completion_tokens_used", "cost_usd", "unpriced_requests",
+                 "tokens_estimated", "retries"):
+        setattr(online, name, getattr(online, name) + getattr(batch, name))
+    for cause, count in batch.retries_by_cause.items():
+        online.retries_by_cause[cause] = online.retries_by_cause.get(cause, 0) + count
+    return online
+
+
+@dataclass
+class BatchRun:
+    """What every batch task of a run shares."""
+
+    api: BatchApi
+    ledger: BatchLedger
+    settings: BatchSettings
+    shape: RequestShape
+    prices: PriceTable
+    max_attempts: int
+    parts: Dict[int, PartWriter]
+    trackers: Dict[int, StatusTracker]
+    progress: RunProgress
+    errors: ErrorExamples
+    limits: BatchFileLimits
+    rows_settled_before: int
+    collect_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    stop_reason: Optional[str] = None
+    online_rows: int = 0
+
+    def update_progress(self) -> None:
+        """Progress: rows settled, plus what the running batches report done (their ``request_counts``)."""
+        running = sum(int(entry.counts.get("completed", 0)) + int(entry.counts.get("failed", 0))
+                      for entry in self.ledger.files if entry.state == "submitted")
+        self.progress.done_bytes = self.rows_settled_before + self.settled_now() + running
+
+    def settled_now(self) -> int:
+        """Rows settled by this run."""
+        return sum(tracker.rows_done - tracker.resumed_rows for tracker in self.trackers.values())
+
+
+async def run_batches(job: ShardJob, settings: BatchSettings, shards: Sequence[ShardSpec], part_paths: Sequence[str],
+                      generation_path: str, generation: str, progress: RunProgress, api_key: Optional[str],
+                      transport_params: Optional[Dict[str, Any]] = None,
+                      lost_lock: Optional[threading.Event] = None) -> BatchOutcome:
+    """Run (or resume) a job through the Batch API.
+
+    Args:
+        job: the run's settings (request URL, shape, attempts, price table, encoding).
+        settings: batch mode's settings.
+        shards: the input's shards.
+        part_paths: each shard's part file.
+        generation_path, generation: the work generation's folder and id (the job id in batch metadata).
+        progress: the run's progress; in batch mode it counts rows.
+        api_key: the key.
+        transport_params: smart-open's transport parameters for the input.
+        lost_lock: set when another run took the job's lock: this run stops at once.
+    """
+    logger = get_run_logger()
+    ledger = BatchLedger.load(generation_path, generation)
+    shape = RequestShape(job.shape)
+    prices = PriceTable.load(job.price_table)
+    limits = BatchFileLimits(max_requests=settings.max_requests,
+                             max_tokens=lambda model: _queue_cap(ledger, settings, model))
+    if not ledger.planned:
+        estimator = TokenEstimator.for_name(job.token_encoding_name)
+        plan = await asyncio.to_thread(plan_batch_files, ledger, shards, part_paths, shape, job.request_url, estimator,
+                                       limits, transport_params)
+        trackers = {tracker.shard: tracker for tracker in plan.trackers}
+        logger.info("Planned %d rows into %d batch file(s): %s", plan.rows_planned, len(ledger.files),
+                    ", ".join(f"{entry.name} ({entry.model}, {entry.rows:,} rows)" for entry in ledger.files[:10])
+                    + (" ..." if len(ledger.files) > 10 else ""))
+    else:
+        trackers = {shard.index: _tracker_from_part(shard, path) for shard, path in zip(shards, part_paths)}
+    total_rows = sum(tracker.rows for tracker in trackers.values())
+    progress.total_bytes = max(1, total_rows)
+    before = sum(tracker.resumed_rows for tracker in trackers.values())
+    parts = {shard.index: PartWriter(path) for shard, path in zip(shards, part_paths)}
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            run = BatchRun(BatchApi(session, job.request_url, api_key), ledger, settings, shape, prices, job.max_attempts,
+                           parts, trackers, progress, ErrorExamples(), limits, before)
+            run.update_progress()
+            try:
+                await _find_lost_creations(run, logger)
+                await _drive(run, logger, lost_lock)
+            except asyncio.CancelledError:
+                if settings.cancel_on_interrupt:
+                    await asyncio.shield(_cancel_live(run, logger))
+                else:
+                    logger.warning("Interrupted: %d batch(es) keep running on the server (paid for); run the same "
+                                   "command again to collect them", sum(entry.live for entry in ledger.files))
+                raise
+            except BatchApiError as error:
+                run.stop_reason = str(error)
+                logger.error("Stopping: %s", error)
+    finally:
+        for part in parts.values():
+            part.close()
+    run.update_progress()
+    ordered = [trackers[shard.index] for shard in shards]
+    live = sum(entry.live for entry in ledger.files)
+    waiting = sum(entry.state in ("planned", "uploaded") for entry in ledger.files)
+    for tracker in ordered:
+        tracker.not_sent = tracker.rows - tracker.rows_done
+    table = [_table_row(entry) for entry in ledger.files]
+    await _publish_batches_table(table)
+    return BatchOutcome(ordered, run.stop_reason, run.errors.texts, live, waiting, ledger.online_rows, table)
+
+
+async def _drive(run: BatchRun, logger: Any, lost_lock: Optional[threading.Event]) -> None:
+    """Submit what fits, await every submitted batch as a task, and go on until nothing is left to do."""
+    ledger, settings = run.ledger, run.settings
+    running: Dict[str, "asyncio.Task[None]"] = {}
+    started_once: set = set()
+    while run.stop_reason is None:
+        if lost_lock is not None and lost_lock.is_set():
+            run.stop_reason = "another run took this job's lock; this run stopped"
+            break
+        await _submit_ready(run, logger)
+        for entry in ledger.files:
+            if entry.state == "submitted" and entry.name not in running and entry.name not in started_once:
+                label = f"{entry.name} {entry.batch_id}"
+                running[entry.name] = asyncio.create_task(
+                    await_batch(label, entry.name, quote(run), return_state=True))
+                if settings.submit_only:
+                    started_once.add(entry.name)
+        if not running:
+            if any(entry.state in ("planned", "uploaded") for entry in ledger.files) and not settings.submit_only:
+                run.stop_reason = ("a batch file cannot fit under the enqueued-token cap; raise --batch-queue-tokens "
+                                   "or lower --batch-max-requests")
+            break
+        done, _ = await asyncio.wait(list(running.values()), return_when=asyncio.FIRST_COMPLETED,
+                                     timeout=1.0 if lost_lock is not None else None)
+        for name in [name for name, job in running.items() if job in done]:
+            state = await running.pop(name)
+            if state.is_failed():
+                error = await state.aresult(raise_on_failure=False)
+                if isinstance(error, BatchApiError) and not error.stops_the_run:
+                    logger.warning("%s: %s; it is polled again", name, error)
+                    continue
+                run.stop_reason = run.stop_reason or f"{name}: {type(error).__name__}: {error}"
+    for job in running.values():  # stopped early: the other batches keep running on the server
+        job.cancel()
+    for job in running.values():
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await job
+
+
+@task(name="batch", cache_policy=NO_CACHE, task_run_name="{label}", retries=0)
+async def await_batch(label: str, name: str, run: BatchRun) -> str:
+    """Poll one batch until it ends (or once, submit-only), then collect its results. Returns its status."""
+    ledger, settings = run.ledger, run.settings
+    entry = next(entry for entry in ledger.files if entry.name == name)
+    wait = 1.0
+    while True:
+        batch = await run.api.retrieve(entry.batch_id or "")
+        before = dict(entry.counts)
+        _note_batch(entry, batch)
+        run.update_progress()
+        if entry.status in TERMINAL_STATUSES:
+            break
+        if settings.submit_only and entry.status not in (None, "validating"):
+            ledger.save()  # accepted into the queue: the next run collects it
+            return entry.status or "unknown"
+        if entry.counts != before:
+            ledger.save()
+        await asyncio.sleep(wait)
+        wait = min(settings.poll_max_seconds, wait * 1.5)
+    await _finish(run, entry, batch)
+    return entry.status or "unknown"
+
+
+async def _finish(run: BatchRun, entry: BatchFile, batch: Dict[str, Any]) -> None:
+    """A batch ended: learn from a refusal, or download and collect its results; rows left go again."""
+    logger = get_run_logger()
+    ledger, settings = run.ledger, run.settings
+    errors = (batch.get("errors") or {}).get("data") or []
+    codes = [error.get("code") for error in errors if isinstance(error, dict)]
+    if entry.status == "failed" and "token_limit_exceeded" in codes and entry.refusals + 1 < MAX_REFUSALS:
+        message = next(str(error.get("message")) for error in errors if error.get("code") == "token_limit_exceeded")
+        _learn_queue_cap(ledger, entry, message, logger)
+        entry.state, entry.batch_id, entry.status, entry.counts = "uploaded", None, None, {}
+        entry.refusals += 1
+        ledger.save()
+        return
+    for kind, file_id in (("output", entry.output_file_id), ("errors", entry.error_file_id)):
+        if file_id:
+            await run.api.download(file_id, ledger.path_of(entry, kind))
+    kill_point("batch-downloaded")
+    async with run.collect_lock:
+        collected = await asyncio.to_thread(collect_batch_results, ledger, entry, run.shape, run.parts, run.trackers,
+                                            run.prices, run.max_attempts, run.progress, run.errors, logger)
+        if entry.status == "failed":
+            reason = "; ".join(f"{error.get('code')}: {error.get('message')}" for error in errors) or "no reason given"
+            entry.note = f"failed: {reason}"
+            logger.error("%s (batch %s) failed: %s", entry.name, entry.batch_id, reason)
+            run.errors.note(f"batch {entry.batch_id} failed: {reason}")
+        elif entry.status != "completed":
+            entry.note = f"{entry.status} with {collected.answered:,} of {entry.rows:,} rows settled"
+            logger.warning("%s (batch %s) %s; %d rows go %s", entry.name, entry.batch_id, entry.note,
+                           len(collected.again), "online" if settings.fallback == "online" else "into a new batch")
+        stalls = 0 if collected.answered else entry.stalls + 1
+        if collected.again and stalls >= MAX_STALLS:
+            run.stop_reason = (f"batches of {entry.model} ended {stalls} times in a row with nothing done "
+                               f"({entry.note}); {len(collected.again)} rows are left for the next run")
+        elif collected.again and settings.fallback == "online":
+            ledger.online_rows += len(collected.again)
+        elif collected.again:
+            for new in await asyncio.to_thread(write_retry_files, ledger, entry, collected.again, run.limits,
+                                               collected.attempts_used):
+                new.stalls = stalls
+        entry.state = "collected"
+        entry.finished_at = time.time()
+        ledger.save()
+    run.update_progress()
+    if not settings.keep_files:
+        for file_id in (entry.file_id, entry.output_file_id, entry.error_file_id):
+            if file_id:
+                with contextlib.suppress(BatchApiError):
+                    await run.api.delete_file(file_id)
+    for kind in ("output", "errors"):
+        with contextlib.suppress(OSError):
+            os.remove(ledger.path_of(entry, kind))
+
+
+async def _submit_ready(run: BatchRun, logger: Any) -> None:
+    """Upload and create the batches of every file the enqueued-token cap has room for."""
+    ledger = run.ledger
+    for entry in list(ledger.files):
+        if entry.state not in ("planned", "uploaded"):
+            continue
+        cap = _queue_cap(ledger, run.settings, entry.model)
+        queued = ledger.queued_tokens(entry.model)
+        validating = any(other.model == entry.model and (other.state == "creating" or (
+            other.state == "submitted" and other.status in (None, "validating"))) for other in ledger.files)
+        if cap is None and validating:
+            continue  # no cap known: one batch of a model validates at a time, so a refusal comes at most once
+        if cap is not None and entry.tokens > cap and entry.rows > 1:
+            _split(run, entry, logger)
+            continue
+        if cap is not None and queued > 0 and queued + entry.tokens > cap:
+            continue
+        if entry.state == "planned":
+            entry.file_id = await run.api.upload(ledger.path_of(entry, "input"), f"{ledger.job[:12]}-{entry.name}.jsonl")
+            entry.state = "uploaded"
+            ledger.save()
+        ledger.begin_creation(entry)
+        kill_point("batch-creating")
+        batch = await run.api.create(entry.file_id or "", entry.endpoint, ledger.metadata(entry))
+        kill_point("batch-created")
+        entry.batch_id = str(batch["id"])
+        entry.state = "submitted"
+        _note_batch(entry, batch)
+        ledger.save()
+        logger.info("Submitted %s as batch %s: %d %s requests to %s", entry.name, entry.batch_id, entry.rows,
+                    entry.model, entry.endpoint)
+
+
+def _split(run: BatchRun, entry: BatchFile, logger: Any) -> None:
+    """A file larger than the learned cap: its rows go into files that fit; the old one is retired."""
+    ledger = run.ledger
+    new_files = write_retry_files(ledger, entry, None, run.limits, set(), round_number=entry.round)
+    for new in new_files:
+        new.stalls = entry.stalls
+    logger.info("%s holds %d estimated tokens, above the enqueued-token cap; split into %d files", entry.name,
+                entry.tokens, len(new_files))
+    entry.state, entry.note = "collected", f"split into {', '.join(new.name for new in new_files)}"
+    ledger.save()
+
+
+async def _find_lost_creations(run: BatchRun, logger: Any) -> None:
+    """Files recorded as ``creating``: find the batch a dead run created (by its token), or create again."""
+    ledger = run.ledger
+    lost = {entry.creation: entry for entry in ledger.files if entry.state == "creating"}
+    if not lost:
+        return
+    oldest = min(entry.created_at or 0.0 for entry in lost.values()) - 600
+    seen = 0
+    async for batch in run.api.batches():
+        seen += 1
+        metadata = batch.get("metadata") or {}
+        entry = lost.pop(metadata.get("parallel_requests_creation"), None)
+        if entry is not None and metadata.get("parallel_requests_job") == ledger.job:
+            entry.batch_id, entry.state = str(batch["id"]), "submitted"
+            _note_batch(entry, batch)
+            ledger.save()
+            logger.info("Found batch %s of %s, created by an interrupted run; it is not created again",
+                        entry.batch_id, entry.name)
+        if not lost or seen >= SEARCH_LIMIT or (batch.get("created_at") or 0) < oldest:
+            break
+    for entry in lost.values():  # the create never reached the server
+        entry.state, entry.creation = "uploaded", None
+    ledger.save()
+
+
+async def _cancel_live(run: BatchRun, logger: Any) -> None:
+    """Cancel every running batch (on Ctrl-C with ``cancel_on_interrupt``); the next run collects what they did."""
+    for entry in run.ledger.files:
+        if entry.state == "submitted" and entry.status not in TERMINAL_STATUSES:
+            with contextlib.suppress(Exception):
+                _note_batch(entry, await run.api.cancel(entry.batch_id or ""))
+                logger.warning("Cancelled batch %s (%s); the next run collects what it finished", entry.batch_id,
+                               entry.name)
+    run.ledger.save()
+
+
+def _learn_queue_cap(ledger: BatchLedger, entry: BatchFile, message: str, logger: Any) -> None:
+    """A batch refused for the enqueued-token cap: learn the cap, from the message or from what was queued."""
+    stated = STATED_QUEUE_LIMIT.search(message)
+    others = ledger.queued_tokens(entry.model) - (entry.tokens if entry.queued else 0)
+    if stated:
+        cap = int(int(stated.group(1).replace(",", "")) * QUEUE_MARGIN)
+    elif others > 0:
+        cap = others  # what was queued then was accepted: the cap is at least that
+    else:
+        cap = max(1, entry.tokens // 2)
+    known = ledger.learned_queue_tokens.get(entry.model)
+    ledger.learned_queue_tokens[entry.model] = cap if known is None else min(known, cap)
+    logger.warning("Batch %s of %s was refused for the enqueued-token cap; %s's batches now keep under %d "
+                   "estimated tokens queued", entry.batch_id, entry.name, entry.model,
+                   ledger.learned_queue_tokens[entry.model])
+
+
+def _queue_cap(ledger: BatchLedger, settings: BatchSettings, model: str) -> Optional[int]:
+    """The enqueued-token cap a model's batches keep under, when one is known."""
+    caps = [cap for cap in (ledger.learned_queue_tokens.get(model),
+                            int(settings.queue_tokens * QUEUE_MARGIN) if settings.queue_tokens else None) if cap]
+    return min(caps) if caps else None
+
+
+def _note_batch(entry: BatchFile, batch: Dict[str, Any]) -> None:
+    """Copy a batch object's status, counts and result files into its ledger entry."""
+    entry.status = batch.get("status")
+    counts = batch.get("request_counts") or {}
+    entry.counts = {name: int(counts.get(name) or 0) for name in ("total", "completed", "failed")}
+    entry.output_file_id = batch.get("output_file_id") or entry.output_file_id
+    entry.error_file_id = batch.get("error_file_id") or entry.error_file_id
+
+
+def _tracker_from_part(shard: ShardSpec, part_path: str) -> StatusTracker:
+    """A shard's counts at the start of a resumed run: its rows, and those already settled."""
+    state = read_part_state(part_path)
+    return StatusTracker(shard=shard.index, lines_read=state.lines_read or 0, rows=state.rows or 0,
+                         resumed_rows=len(state.done))
+
+
+def _table_row(entry: BatchFile) -> Dict[str, Any]:
+    """One row of the batches table."""
+    return {"file": entry.name, "batch_id": entry.batch_id, "model": entry.model, "endpoint": entry.endpoint,
+            "rows": entry.rows, "state": entry.state, "status": entry.status,
+            "completed": entry.counts.get("completed", 0), "failed": entry.counts.get("failed", 0),
+            "created": _when(entry.created_at), "finished": _when(entry.finished_at), "note": entry.note or ""}
+
+
+def _when(epoch: Optional[float]) -> Optional[str]:
+    """An epoch time as UTC text."""
+    return None if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+
+
+async def _publish_batches_table(table: List[Dict[str, Any]]) -> None:
+    """The batches table artifact (only inside a flow run)."""
+    if FlowRunContext.get() is not None and table:
+        await acreate_table_artifact(key=BATCHES_TABLE_KEY, table=table, description="The job's batches")
