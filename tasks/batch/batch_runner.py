@@ -71,6 +71,8 @@ QUEUE_MARGIN = 0.95
 MAX_STALLS = 3
 # OpenAI's refusal message states the limit: "... Limit: 2,000,000 enqueued tokens ...".
 STATED_QUEUE_LIMIT = re.compile(r"Limit:\s*([\d,]+)\s*enqueued", re.IGNORECASE)
+# Statuses that show a batch was accepted into the queue (a refusal comes as "failed", during or after validation).
+ACCEPTED_STATUSES = ("in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled")
 # How many times one file may be refused for the enqueued-token cap before its rows fail (a row alone above the cap).
 MAX_REFUSALS = 4
 # How many batches the search for a lost creation reads, at most.
@@ -384,7 +386,7 @@ async def _submit_ready(run: BatchRun, logger: Any) -> None:
         cap = _queue_cap(ledger, run.settings, entry.model)
         queued = ledger.queued_tokens(entry.model)
         validating = any(other.model == entry.model and (other.state == "creating" or (
-            other.state == "submitted" and other.status in (None, "validating"))) for other in ledger.files)
+            other.state == "submitted" and other.status not in ACCEPTED_STATUSES)) for other in ledger.files)
         if cap is None and validating:
             continue  # no cap known: one batch of a model validates at a time, so a refusal comes at most once
         if cap is not None and entry.tokens > cap and entry.rows > 1:
