@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any, Dict, Iterator, List, Tuple
 
 # Third-party imports
@@ -62,8 +63,25 @@ async def test_deploy_all_then_an_adhoc_run_through_a_worker(prefect_server, api
                  "--param", f"requests_filepath={source}",
                  "--param", f"request_url={server.url}/v1/embeddings",
                  "--param", "max_requests_per_minute=6000", "--param", "shards=3", "--watch", timeout=240)
+        # The hourly batch deployment, run twice as its schedule would: the first run submits and ends while
+        # the batch runs (3 s on this server); the second collects it and submits nothing again.
+        batch_server = api_server(api_key=KEY, batch_rows_per_second=20)
+        batch_rows = [{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"b{i}"}]} for i in range(60)]
+        batch_source = write_jsonl(tmp_path / "batch.jsonl", batch_rows)
+        batch_runs = []
+        for _ in range(2):
+            _prefect(env, "deployment", "run", "parallel-requests/batch-hourly",
+                     "--param", f"requests_filepath={batch_source}",
+                     "--param", f"save_filepath={tmp_path / 'batch_results.jsonl'}",
+                     "--param", f"request_url={batch_server.url}/v1/chat/completions", "--watch", timeout=240)
+            batch_runs.append(batch_server.stats()["batches"])
+            if len(batch_runs) == 1:
+                assert not os.path.exists(tmp_path / "batch_results.jsonl")
+                time.sleep(4)
     finally:
         stop_group(worker)
+    assert batch_runs[0]["created"] == batch_runs[1]["created"] == 1, batch_runs
+    assert batch_runs[1]["rows_answered"] == 60 and len(open(tmp_path / "batch_results.jsonl").readlines()) == 60
 
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         async with get_client() as client:
@@ -88,6 +106,20 @@ async def test_deploy_all_then_an_adhoc_run_through_a_worker(prefect_server, api
     assert KEY not in everything
     assert server.stats()["status_counts"]["200"] == 120  # the worker's key reached the API
     assert len(open(tmp_path / "deploy_results.jsonl").readlines()) == 121
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        async with get_client() as client:
+            hourly = await client.read_deployment_by_name("parallel-requests/batch-hourly")
+            assert [s.schedule.cron for s in hourly.schedules] == ["15 * * * *"]
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id={"any_": [hourly.id]}))
+            runs = [run for run in runs if not run.state.is_scheduled()]  # the schedule's future runs aside
+            assert len(runs) == 2 and all(run.state.is_completed() for run in runs), [run.state for run in runs]
+            task_runs = await client.read_task_runs(task_run_filter=TaskRunFilter(
+                flow_run_id=TaskRunFilterFlowRunId(any_=[run.id for run in runs])))
+            artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs])))
+    batch_tasks = [task_run.name for task_run in task_runs if task_run.name.startswith("batch-00001 batch_")]
+    assert len(batch_tasks) == 2  # one per run: submitted (then left running), then collected
+    tables = [json.loads(artifact.data) for artifact in artifacts if artifact.key == "parallel-requests-batches"]
+    assert sorted(row[0]["status"] for row in tables) == ["completed", "in_progress"], tables
 
 
 async def test_a_tag_concurrency_limit_caps_running_shards(prefect_server, api_server, tmp_path) -> None:
@@ -185,7 +217,7 @@ def test_serve_builds_every_deployment_of_prefect_yaml_with_its_own_flow() -> No
     finally:
         sys.path.pop(0)
     built = {deployment.name: deployment for deployment in served_deployments(os.path.join(ROOT, "prefect.yaml"))}
-    assert set(built) == {"adhoc", "nightly-example", "workers"}
+    assert set(built) == {"adhoc", "nightly-example", "batch-hourly", "workers"}
     assert built["workers"].flow_name == "parallel-requests-shards"
     assert built["adhoc"].flow_name == "parallel-requests"
     assert [schedule.schedule.cron for schedule in built["nightly-example"].schedules] == ["0 2 * * *"]
