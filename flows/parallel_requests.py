@@ -91,7 +91,7 @@ from tasks.requests.request_formats import DEFAULT_REQUEST_URL
 from tasks.storage.results_storage import IncompleteOutput, PartInfo, assemble_output, count_lines
 from tasks.storage.row_reuse import reuse_paid_answers
 from tasks.platform.prefect_blocks import resolve_api_key, transport_params_for
-from tasks.batch.batch_runner import BatchSettings, merge_batch_counts, run_batches
+from tasks.batch.batch_runner import BatchSettings, live_batches_in, merge_batch_counts, run_batches
 from tasks.shards.runner import EngineSettings, ShardJob, ShardOutcome, ShardPlacement, run_shards_here
 from tasks.shards.sharding import detect_source_shape, plan_shards
 from tasks.storage.uris import (
@@ -278,6 +278,10 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
         abort_stale_uploads(save_filepath, transport_params)
         remove_stale_temporaries(save_filepath)
         fingerprint = await asyncio.to_thread(input_fingerprint, requests_filepath, transport_params)
+        refusal = _batches_still_running(work, fingerprint, job.request_url, batch)
+        if refusal:
+            logger.error("%s", refusal)
+            return Failed(message=refusal)
         start = work.begin(requests_filepath, fingerprint, job.request_url, output_size(save_filepath, transport_params))
     except WorkFolderRefused as error:
         logger.error("%s", error)
@@ -395,6 +399,29 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
 
 
 # Helpers
+
+
+def _batches_still_running(work: WorkLocation, fingerprint: str, request_url: str,
+                           batch: Optional[BatchSettings]) -> Optional[str]:
+    """Why this run must not start while the job's batches run on the server, or None.
+
+    Their rows are paid for: an online run would send them again, and a changed input would start a new
+    generation whose rows are sent again while the old batches' answers are never collected.
+    """
+    current = work.manifest.get("current")
+    if not current:
+        return None
+    live = live_batches_in(work.generation_folder(current["id"]))
+    if not live:
+        return None
+    same_input = current.get("input_fingerprint") == fingerprint and current.get("request_url") == request_url
+    if batch is None and same_input:
+        return (f"{live} batch(es) of this job still run on the server (paid for): an online run would pay for their "
+                "rows again; run it with --mode batch to collect them (batches end within 24 hours)")
+    if not same_input:
+        return (f"the input (or the request URL) changed while {live} batch(es) of the earlier input still run on the "
+                "server; restore it and run --mode batch to collect them first, so no row is paid twice")
+    return None
 
 
 async def _run_batch_mode(logger: Any, job: ShardJob, batch: BatchSettings, shard_specs: Any, part_paths: Any,

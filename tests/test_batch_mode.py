@@ -152,6 +152,17 @@ def test_submit_only_then_the_same_command_collects_without_submitting_again(api
     assert not os.path.exists(save) or len(read_jsonl(save)) < len(rows)
     created = server.stats()["batches"]["created"]
     assert created == 3  # one file per model; each accepted into the queue before the run returned
+    # While they run, an online run of the job, or a run over an edited input, would pay for their rows again.
+    online = [argument for argument in arguments if argument not in ("--mode", "batch", "--batch-submit-only")]
+    code, out, err = _run(online, str(tmp_path / "home"))
+    assert code == 1 and "still run on the server" in err and server.stats()["requests"] == 0
+    original = open(source).read()
+    with open(source, "a") as handle:
+        handle.write(json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "new"}]}) + "\n")
+    code, out, err = _run(arguments, str(tmp_path / "home"))
+    assert code == 1 and "changed while" in err and server.stats()["batches"]["created"] == created
+    with open(source, "w") as handle:
+        handle.write(original)
     for _ in range(10):  # the same command, as a schedule would run it, until the batches have finished
         time.sleep(1.0)
         code, out, err = _run(arguments, str(tmp_path / "home"))

@@ -51,7 +51,7 @@ from prefect.utilities.annotations import quote
 # Local application imports
 from tasks.batch.batch_api import BatchApi, BatchApiError
 from tasks.batch.batch_files import BatchFileLimits, plan_batch_files, write_retry_files
-from tasks.batch.batch_ledger import TERMINAL_STATUSES, BatchFile, BatchLedger
+from tasks.batch.batch_ledger import LEDGER, TERMINAL_STATUSES, BatchFile, BatchLedger
 from tasks.batch.batch_results import collect_batch_results
 from tasks.job.crash_points import kill_point
 from tasks.reporting.metrics import RunProgress, StatusTracker
@@ -75,6 +75,8 @@ STATED_QUEUE_LIMIT = re.compile(r"Limit:\s*([\d,]+)\s*enqueued", re.IGNORECASE)
 ACCEPTED_STATUSES = ("in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled")
 # How many times one file may be refused for the enqueued-token cap before its rows fail (a row alone above the cap).
 MAX_REFUSALS = 4
+# How many times in a row one batch's task may fail on a transient error (each after 6 tries) before the run stops.
+MAX_TASK_FAILURES = 3
 # How many batches the search for a lost creation reads, at most.
 SEARCH_LIMIT = 2000
 
@@ -266,6 +268,7 @@ async def _drive(run: BatchRun, logger: Any, lost_lock: Optional[threading.Event
     ledger, settings = run.ledger, run.settings
     running: Dict[str, "asyncio.Task[None]"] = {}
     started_once: set = set()
+    failures: Dict[str, int] = {}  # a batch's task failures in a row (the API unreachable, ...)
     while run.stop_reason is None:
         if lost_lock is not None and lost_lock.is_set():
             run.stop_reason = "another run took this job's lock; this run stopped"
@@ -287,12 +290,16 @@ async def _drive(run: BatchRun, logger: Any, lost_lock: Optional[threading.Event
                                      timeout=1.0 if lost_lock is not None else None)
         for name in [name for name, job in running.items() if job in done]:
             state = await running.pop(name)
-            if state.is_failed():
-                error = await state.aresult(raise_on_failure=False)
-                if isinstance(error, BatchApiError) and not error.stops_the_run:
-                    logger.warning("%s: %s; it is polled again", name, error)
-                    continue
-                run.stop_reason = run.stop_reason or f"{name}: {type(error).__name__}: {error}"
+            if not state.is_failed():
+                failures.pop(name, None)
+                continue
+            error = await state.aresult(raise_on_failure=False)
+            failures[name] = failures.get(name, 0) + 1
+            if isinstance(error, BatchApiError) and not error.stops_the_run and failures[name] < MAX_TASK_FAILURES:
+                logger.warning("%s: %s; it is polled again", name, error)
+                continue
+            run.stop_reason = run.stop_reason or (f"{name}: {type(error).__name__}: {error}; the batches keep running "
+                                                  "on the server: run the same command again to collect them")
     for job in running.values():  # stopped early: the other batches keep running on the server
         job.cancel()
     for job in running.values():
@@ -473,6 +480,17 @@ def _learn_queue_cap(ledger: BatchLedger, entry: BatchFile, message: str, logger
     logger.warning("Batch %s of %s was refused for the enqueued-token cap; %s's batches now keep under %d "
                    "estimated tokens queued", entry.batch_id, entry.name, entry.model,
                    ledger.learned_queue_tokens[entry.model])
+
+
+def live_batches_in(generation_path: str) -> int:
+    """How many batches of a generation may still run on the server (0 without a ledger)."""
+    if not os.path.exists(os.path.join(generation_path, LEDGER)):
+        return 0
+    try:
+        ledger = BatchLedger.load(generation_path, "")
+    except (OSError, ValueError):
+        return 0
+    return sum(entry.live for entry in ledger.files)
 
 
 def _queue_cap(ledger: BatchLedger, settings: BatchSettings, model: str) -> Optional[int]:
