@@ -27,6 +27,7 @@ test: install
 
 bench: install
 	PYTHONPATH=. $(BIN)/python bench/benchmark.py
+	PYTHONPATH=. $(BIN)/python bench/batch_mode.py
 	PYTHONPATH=. $(BIN)/python bench/redis_limiter.py
 	PYTHONPATH=. $(BIN)/python bench/limit_dialects.py
 

@@ -21,7 +21,7 @@ Batch mode (``--mode batch``) sends the job through the OpenAI Batch API instead
 ``tasks.batch.batch_runner``. ``--batch-submit-only`` submits and exits; the same command later collects.
 
 Exit status: 0 when every row has its result line (failed rows are counted in the summary), or
-when ``--batch-submit-only`` left batches running;
+when ``--batch-submit-only`` left batches running; 130 after Ctrl-C (finished rows kept);
 1 with a one-line reason when the run stopped early, when another run of the same job holds its
 lock, or when the key cannot be sent; 2 for bad arguments or a missing input.
 """
@@ -127,7 +127,14 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         batch_max_requests=args.batch_max_requests,
     )
     with embedded_api.settings() if embedded_api else contextlib.nullcontext():
-        final_state = asyncio.run(flow_function(**parameters, return_state=True))
+        try:
+            final_state = asyncio.run(flow_function(**parameters, return_state=True))
+        except KeyboardInterrupt:  # Ctrl-C: every finished row is kept; one line, no traceback
+            batches = ("; the batches were cancelled, and the next run collects what they finished" if args.cancel_batches
+                       else "; the batches keep running on the server (paid for), and the next run collects them")
+            print("parallel-requests: interrupted; the finished rows are kept; run the same command again to continue"
+                  + (batches if args.mode == "batch" else ""), file=sys.stderr)
+            return 130
         summary = final_state.result(raise_on_failure=False) if final_state.data is not None else None
         if asyncio.iscoroutine(summary):
             summary = asyncio.run(summary)
