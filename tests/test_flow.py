@@ -10,6 +10,7 @@ from typing import Any, Dict, List
 # Third-party imports
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.logging.handlers import APILogHandler
 
 # Local application imports
 from flows.parallel_requests import parallel_requests
@@ -91,6 +92,7 @@ async def test_cookbook_file_every_row_once_in_order_with_artifacts(prefect_api_
         assert sum(row["succeeded"] for row in table) == 296
         assert "| succeeded | 296 |" in by_key["parallel-requests-summary"].data
         assert by_key["parallel-requests-progress"].data == 100.0
+        await APILogHandler.aflush()  # logs reach the API in the background: send what is queued first
         logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
         flow_run = await client.read_flow_run(flow_run_id)
     everything = json.dumps([a.data for a in artifacts]) + json.dumps(flow_run.parameters) + " ".join(l.message for l in logs)
