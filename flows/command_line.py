@@ -70,6 +70,13 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
                           uris=job_paths(args.requests_filepath, args.save_filepath, args.work_dir))
         check_batch_settings(args.mode, args.batch_fallback, args.batch_queue_tokens, args.batch_max_requests,
                              args.budget_usd, args.shard_deployment, args.dask_cluster)
+        batch_flags = [flag for flag, given in (
+            ("--batch-submit-only", args.batch_submit_only), ("--batch-fallback", args.batch_fallback != "batch"),
+            ("--keep-batch-files", args.keep_batch_files), ("--cancel-batches", args.cancel_batches),
+            ("--batch-queue-tokens", args.batch_queue_tokens is not None),
+            ("--batch-max-requests", args.batch_max_requests != MAX_BATCH_REQUESTS)) if given]
+        if batch_flags and args.mode != "batch":
+            raise ValueError(f"{', '.join(batch_flags)} only work with --mode batch")
         _check_input(args.requests_filepath)
         if args.api_key_from_flag and (args.shard_deployment or (args.dask_cluster or "").startswith("tcp://")):
             raise ValueError("--api_key cannot reach child runs or remote Dask workers; set OPENAI_API_KEY in "

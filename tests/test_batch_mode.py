@@ -7,8 +7,10 @@ job), rows answered (and bodies answered more than once, online or in a batch), 
 # Standard library imports
 import json
 import os
+import re
 import signal
 import time
+import urllib.request
 from typing import Any, Dict, List
 
 # Third-party imports
@@ -98,7 +100,7 @@ def test_a_batch_job_of_two_models_answers_every_row_in_order_at_batch_prices(ap
                 for name in os.listdir(os.path.join(f"{save}.work", name)) if not name.endswith(".part")]
 
 
-@pytest.mark.parametrize("step", ["batch-creating", "batch-created", "batch-downloaded"])
+@pytest.mark.parametrize("step", ["batch-creating", "batch-created", "batch-downloaded", "batch-collected"])
 def test_kill_9_at_each_step_of_a_batch_then_the_same_command_creates_no_batch_twice(api_server, tmp_path,
                                                                                      step: str) -> None:
     server = api_server(batch_rows_per_second=300)
@@ -111,6 +113,12 @@ def test_kill_9_at_each_step_of_a_batch_then_the_same_command_creates_no_batch_t
     code, out, err = _run(arguments, str(tmp_path / "home"))
     assert code == 0, err[-3000:]
     _check_every_row(rows, save)
+    # Rows whose records the killed run wrote are counted once: as resumed, never again as succeeded.
+    found = re.search(r"rows ([\d,]+): ([\d,]+) resumed .*?, ([\d,]+) succeeded, ([\d,]+) failed .*?, ([\d,-]+) not sent",
+                      out)
+    assert found, out
+    total, resumed, succeeded, failed, not_sent = (int(value.replace(",", "")) for value in found.groups())
+    assert total == len(rows) and not_sent == 0 and resumed + succeeded + failed == total, out
     stats = server.stats()
     assert stats["batches"]["duplicate_metadata"] == 0, stats["batches"]
     assert stats["bodies_answered_more_than_once"] == 0, stats
@@ -234,3 +242,72 @@ def test_a_queue_cap_given_is_never_refused_and_sizes_the_files(api_server, tmp_
     _check_every_row(rows, save)
     stats = server.stats()
     assert stats["batches"]["queue_refusals"] == 0 and stats["batches"]["created"] >= 3, stats["batches"]
+
+
+def test_a_file_above_the_queue_cap_is_split_after_one_refusal_and_every_row_answered(api_server, tmp_path) -> None:
+    # One file of 160 rows (about 4,800 queued tokens) against a cap of 3,000: refused once, then split.
+    server = api_server(batch_rows_per_second=100, batch_queue_tokens=3000)
+    source = str(tmp_path / "in.jsonl")
+    rows = _word_rows(source, 160)
+    save = str(tmp_path / "out.jsonl")
+    code, out, err = _run(_arguments(server, source, save), str(tmp_path / "home"))
+    assert code == 0, err[-3000:]
+    _check_every_row(rows, save)
+    stats = server.stats()
+    assert stats["batches"]["queue_refusals"] == 1, stats["batches"]
+    assert stats["batches"]["created"] >= 3 and stats["bodies_answered_more_than_once"] == 0
+    assert stats["batches"]["files_alive"] == 0  # the refused file's upload was deleted too
+
+
+def test_rows_the_batch_api_cannot_take_get_their_error_and_the_others_are_answered(api_server, tmp_path) -> None:
+    server = api_server(batch_rows_per_second=500)
+    source = str(tmp_path / "in.jsonl")
+    lines = [{"custom_id": f"chat-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"row {i}"}]}} for i in range(20)]
+    lines.insert(5, {"custom_id": "image-1", "method": "POST", "url": "/v1/images/generations",
+                     "body": {"model": "dall-e-3", "prompt": "a cat"}})
+    lines.insert(9, {"custom_id": "embed-huge", "method": "POST", "url": "/v1/embeddings",
+                     "body": {"model": "text-embedding-3-small", "input": ["a"] * 50_001}})
+    lines.insert(12, {"custom_id": 17, "method": "POST", "url": "/v1/chat/completions",
+                      "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}})
+    with open(source, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(line) + "\n" for line in lines)
+    save = str(tmp_path / "out.jsonl")
+    code, out, err = _run(_arguments(server, source, save), str(tmp_path / "home"))
+    assert code == 0, err[-3000:]
+    results = {json.dumps(result.get("custom_id")): result for result in read_jsonl(save)}
+    assert len(results) == len(lines)
+    assert "does not take /v1/images/generations" in results['"image-1"']["error"]["message"]
+    assert "in.jsonl line 6" in results['"image-1"']["error"]["message"]
+    assert "50,001 embedding inputs" in results['"embed-huge"']["error"]["message"]
+    assert "custom_id" in results["17"]["error"]["message"]  # a number as custom_id is kept in its error line
+    for i in range(20):
+        assert results[f'"chat-{i}"']["response"]["status_code"] == 200
+    assert server.stats()["batches"]["created"] == 1
+
+
+def test_batches_the_server_forgot_are_submitted_again_and_the_job_completes(api_server, tmp_path) -> None:
+    server = api_server(batch_rows_per_second=20)
+    source = str(tmp_path / "in.jsonl")
+    rows = _mixed_job(source, 200)
+    save = str(tmp_path / "out.jsonl")
+    arguments = _arguments(server, source, save, "--batch-submit-only")
+    code, out, err = _run(arguments, str(tmp_path / "home"))
+    assert code == 0 and "waiting for batches" in out, err[-3000:]
+    created = server.stats()["batches"]["created"]
+    urllib.request.urlopen(urllib.request.Request(f"{server.url}/_forget_batches", method="POST"), timeout=10).read()
+    code, out, err = _run([argument for argument in arguments if argument != "--batch-submit-only"],
+                          str(tmp_path / "home"))
+    assert code == 0, err[-3000:]
+    assert "does not know batch" in err and "Traceback" not in err
+    _check_every_row(rows, save)
+    # Each forgotten batch was created once more (one that ended before it was forgotten was collected already).
+    assert created < server.stats()["batches"]["created"] <= 2 * created
+
+
+def test_batch_flags_without_batch_mode_are_refused(tmp_path) -> None:
+    source = str(tmp_path / "in.jsonl")
+    _word_rows(source, 3)
+    for flags in (["--batch-submit-only"], ["--batch-queue-tokens", "1000"], ["--batch-fallback", "online"]):
+        code, _, err = _run(["--requests_filepath", source, *flags], str(tmp_path / "home"))
+        assert code == 2 and "only work with --mode batch" in err and flags[0] in err, err[-2000:]

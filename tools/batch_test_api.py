@@ -139,6 +139,7 @@ class BatchTestApi:
         app.router.add_get("/v1/batches", self.list)
         app.router.add_get("/v1/batches/{id}", self.retrieve)
         app.router.add_post("/v1/batches/{id}/cancel", self.cancel)
+        app.router.add_post("/_forget_batches", self.forget)
 
     def stats_view(self) -> Dict[str, Any]:
         """What ``/_stats`` reports under ``batches``."""
@@ -191,6 +192,15 @@ class BatchTestApi:
         if stored is None:
             return _error(404, "No such File object", "not_found")
         return web.json_response({"id": stored.id, "object": "file", "deleted": True})
+
+    async def forget(self, request: web.Request) -> web.Response:
+        """POST /_forget_batches: drop every batch and file, as a server that lost its state (or another
+        organisation's key) would see them."""
+        forgotten = {"batches": len(self.batches), "files": len(self.files)}
+        self.batches.clear()
+        self.files.clear()
+        self.order.clear()
+        return web.json_response(forgotten)
 
     # Batches
 
@@ -274,14 +284,15 @@ class BatchTestApi:
             try:
                 line = json.loads(raw)
             except ValueError:
-                problem = ("invalid_json_line", f"Line {number} is not valid JSON.")
+                problem = ("invalid_json_line", f"Line {number} is not valid JSON.", number)
                 break
             if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str) or "body" not in line:
-                problem = ("missing_required_parameter", f"Line {number} needs custom_id, method, url and body.")
+                problem = ("missing_required_parameter", f"Line {number} needs custom_id, method, url and body.", number)
             elif line["custom_id"] in seen:
-                problem = ("duplicate_custom_id", f"The custom_id for line {number} is not unique.")
+                problem = ("duplicate_custom_id", f"The custom_id for line {number} is not unique.", number)
             elif line.get("method") != "POST" or line.get("url") != batch.endpoint:
-                problem = ("mismatched_endpoint", f"Line {number}'s url is not the batch's endpoint {batch.endpoint}.")
+                problem = ("mismatched_endpoint", f"Line {number}'s url is not the batch's endpoint {batch.endpoint}.",
+                           number)
             else:
                 seen.add(line["custom_id"])
                 body = line["body"]
@@ -318,11 +329,11 @@ class BatchTestApi:
             self.stats["expiring"] += 1
             batch.expires_after = int(math.ceil(fraction * len(batch.lines)))
 
-    def _fail(self, batch: Batch, code: str, message: str) -> None:
-        """A batch the API refused."""
+    def _fail(self, batch: Batch, code: str, message: str, line: Optional[int] = None) -> None:
+        """A batch the API refused (``line``: the 1-based input line at fault, as OpenAI names it)."""
         batch.status = "failed"
         batch.times["failed"] = int(time.time())
-        batch.errors = {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": None}]}
+        batch.errors = {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": line}]}
         batch.lines = []
 
     def _advance_all(self) -> None:

@@ -68,8 +68,11 @@ class BatchApi:
                         if name != "Content-Type"}  # aiohttp sets it: JSON, or multipart with its boundary
 
     def url(self, path: str) -> str:
-        """The full URL of an API path such as /v1/batches."""
-        return join_batch_url(self.request_url, path)
+        """The full URL of an API path such as /v1/batches?limit=100 (the request URL's query, such as
+        Azure's ``api-version``, is kept)."""
+        path, _, query = path.partition("?")
+        base = join_batch_url(self.request_url, path)
+        return base if not query else base + ("&" if "?" in base else "?") + query
 
     async def upload(self, path: str, filename: str) -> str:
         """Upload a batch input file (purpose ``batch``); return its file id."""

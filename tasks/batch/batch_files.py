@@ -44,6 +44,8 @@ MAX_FILE_BYTES = 200 * 1024 * 1024
 MAX_EMBEDDING_INPUTS = 50_000
 # Room left under the byte limit (the server may count a little differently).
 BYTE_MARGIN = 0.95
+# The endpoints the Batch API takes.
+BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses", "/v1/moderations")
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,8 @@ def plan_batch_files(ledger: BatchLedger, shards: Sequence[ShardSpec], part_path
                 tracker.rows += 1
                 parsed = parse_line(raw, shape, request_url, line_index)
                 done = state.done.get(line_index)
+                if isinstance(parsed, ParsedRequest):
+                    parsed = _batch_problem(parsed, raw, limits) or parsed
                 if isinstance(parsed, ParsedRequest) and shape is RequestShape.BATCH and parsed.custom_id is not None:
                     first = custom_ids.setdefault(parsed.custom_id, _row_key(shard.index, line_index))
                     if first != _row_key(shard.index, line_index):
@@ -309,6 +313,22 @@ def endpoint_path(url: str) -> str:
         if path.endswith(name):
             return "/v1" + name
     return path
+
+
+def _batch_problem(parsed: ParsedRequest, raw: bytes, limits: BatchFileLimits) -> Optional[InvalidLine]:
+    """The row's error when the Batch API cannot take it at all (its endpoint, or a file of it alone is too large)."""
+    endpoint = endpoint_path(parsed.url)
+    reason = None
+    if endpoint not in BATCH_ENDPOINTS:
+        reason = f"the Batch API does not take {endpoint} (it takes {', '.join(BATCH_ENDPOINTS)}); run it with --mode online"
+    elif endpoint.endswith("/embeddings") and _embedding_inputs(parsed.body) > limits.max_embedding_inputs:
+        reason = (f"{_embedding_inputs(parsed.body):,} embedding inputs in one request; a batch file holds at most "
+                  f"{limits.max_embedding_inputs:,}")
+    elif len(raw) + 100 > limits.max_bytes:
+        reason = f"a request of {len(raw):,} bytes; a batch file holds at most {limits.max_bytes:,}"
+    if reason is None:
+        return None
+    return InvalidLine(parsed.line_index, reason, raw.decode("utf-8", "replace"), parsed.custom_id)
 
 
 def _embedding_inputs(body: Dict[str, Any]) -> int:

@@ -60,6 +60,8 @@ class BatchFile:
         note: why it failed, expired or was refused, in words.
         refusals: how many times its batch was refused for the enqueued-token cap.
         stalls: how many batches in a row ended with none of these rows done (an expiry at 0%...).
+        collecting: its results are being written into the parts (a crash there: the next run skips
+            the rows already written).
     """
 
     name: str
@@ -82,6 +84,7 @@ class BatchFile:
     note: Optional[str] = None
     refusals: int = 0
     stalls: int = 0
+    collecting: bool = False
 
     @property
     def live(self) -> bool:

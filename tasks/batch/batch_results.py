@@ -11,6 +11,12 @@ engine would have (``tasks.storage.results_storage``):
     5xx, 408, 409, 429 answers, other errors     sent again in a new batch, up to ``max_attempts`` answers
     ``batch_expired``, ``batch_cancelled``,      sent again (the row never ran: no attempt used)
     or a row in neither file
+    a line the batch's validation refused        that row's error, final (``errors.data[].line``)
+    (the batch failed)
+    the batch failed as a whole                  its other rows: sent again, each using an attempt
+
+A collection a crash cut off is done again: rows whose record it already wrote are skipped
+(``already_done``), so each is counted once.
 
 A line naming a custom_id the file does not hold, or one already answered, is ignored (logged):
 each row gets exactly one result.
@@ -24,7 +30,7 @@ Usage:
 # Standard library imports
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
 
 # Local application imports
 from tasks.batch.batch_files import RowEntry
@@ -62,7 +68,9 @@ class CollectedBatch:
 
 def collect_batch_results(ledger: BatchLedger, entry: BatchFile, shape: RequestShape, parts: Dict[int, PartWriter],
                           trackers: Dict[int, StatusTracker], prices: PriceTable, max_attempts: int,
-                          progress: RunProgress, errors: ErrorExamples, logger: Any) -> CollectedBatch:
+                          progress: RunProgress, errors: ErrorExamples, logger: Any,
+                          batch_errors: Sequence[Any] = (), failure: Optional[str] = None, failure_final: bool = False,
+                          already_done: Optional[Set[Tuple[int, int]]] = None) -> CollectedBatch:
     """Write the final record of every row a finished batch settled; say which rows go again.
 
     Args:
@@ -76,11 +84,25 @@ def collect_batch_results(ledger: BatchLedger, entry: BatchFile, shape: RequestS
         progress: advanced by each settled row's input bytes.
         errors: the run's error examples.
         logger: for ignored lines.
+        batch_errors: the batch's ``errors.data``; an item with a ``line`` (1-based, in the input file)
+            is that row's error, final.
+        failure: why the batch failed as a whole, or None: its other rows go again, each using an attempt
+            (with ``failure_final``: each gets this error, final).
+        already_done: (shard, line index) of rows whose record an interrupted collection of this batch
+            already wrote: they are not written or counted again.
     """
     collected = CollectedBatch()
     index = _index_rows(ledger, entry)
+    line_errors = _line_errors(batch_errors, entry.rows)
     settled: Set[str] = set()
     with open(ledger.path_of(entry, "rows"), "rb") as rows, open(ledger.path_of(entry, "input"), "rb") as lines:
+        def row_of(custom_id: str) -> Tuple[RowEntry, Any]:
+            place = index[custom_id]
+            rows.seek(place[0])
+            row = RowEntry.from_line(rows.readline())
+            lines.seek(place[1])
+            return row, fast_json.loads(lines.readline())["body"]
+
         for result in _result_lines(ledger, entry):
             custom_id = result.get("custom_id") if isinstance(result, dict) else None
             place = index.get(custom_id) if isinstance(custom_id, str) else None
@@ -88,15 +110,35 @@ def collect_batch_results(ledger: BatchLedger, entry: BatchFile, shape: RequestS
                 collected.ignored_lines += 1
                 continue
             settled.add(custom_id)
-            rows.seek(place[0])
-            row = RowEntry.from_line(rows.readline())
-            lines.seek(place[1])
-            body = fast_json.loads(lines.readline())["body"]
+            row, body = row_of(custom_id)
+            if already_done is not None and (row.shard, row.line_index) in already_done:
+                collected.answered += 1
+                continue
             final = _settle(result, row, body, entry, shape, parts, trackers, prices, max_attempts, errors, collected)
             if final:
                 collected.answered += 1
                 progress.advance(row.line_bytes)
-    collected.again |= set(index) - settled  # in neither file: never ran
+        for custom_id in [custom_id for custom_id in index if custom_id not in settled]:  # in neither file
+            row, body = row_of(custom_id)
+            if already_done is not None and (row.shard, row.line_index) in already_done:
+                collected.answered += 1
+                continue
+            line_error = line_errors.get(index[custom_id][2])
+            if line_error is None and failure is not None and failure_final:
+                line_error = ("batch_refused", failure)
+            if line_error is not None:
+                result = {"custom_id": custom_id, "error": {"code": line_error[0], "message": line_error[1]}}
+                _settle(result, row, body, entry, shape, parts, trackers, prices, max_attempts, errors, collected,
+                        final_error=True)
+            elif failure is not None:
+                result = {"custom_id": custom_id, "error": {"code": "batch_failed", "message": failure}}
+                if not _settle(result, row, body, entry, shape, parts, trackers, prices, max_attempts, errors, collected):
+                    continue
+            else:
+                collected.again.add(custom_id)  # never ran (an expiry, a cancel, a lost line): no attempt used
+                continue
+            collected.answered += 1
+            progress.advance(row.line_bytes)
     if collected.ignored_lines:
         logger.warning("%s (batch %s): %d result lines named no row of the file, or one already answered; ignored",
                        entry.name, entry.batch_id, collected.ignored_lines)
@@ -105,8 +147,11 @@ def collect_batch_results(ledger: BatchLedger, entry: BatchFile, shape: RequestS
 
 def _settle(result: Dict[str, Any], row: RowEntry, body: Any, entry: BatchFile, shape: RequestShape,
             parts: Dict[int, PartWriter], trackers: Dict[int, StatusTracker], prices: PriceTable, max_attempts: int,
-            errors: ErrorExamples, collected: CollectedBatch) -> bool:
-    """Decide one result line; write the row's record when final. True when final."""
+            errors: ErrorExamples, collected: CollectedBatch, final_error: bool = False) -> bool:
+    """Decide one result line; write the row's record when final. True when final.
+
+    ``final_error``: the line's error is the row's own (a line the batch's validation refused): final.
+    """
     response = result.get("response") if isinstance(result.get("response"), dict) else None
     error = result.get("error") if isinstance(result.get("error"), dict) else None
     status = response.get("status_code") if response else None
@@ -131,10 +176,10 @@ def _settle(result: Dict[str, Any], row: RowEntry, body: Any, entry: BatchFile, 
         return True
     code, message = _error_text(answer, error)
     text = f"HTTP {status} {code or 'error'}: {message}" if status is not None else f"{code or 'error'}: {message}"
-    if status is None and code in CUT_OFF_CODES:
+    if status is None and code in CUT_OFF_CODES and not final_error:
         collected.again.add(row.custom_id)
         return False
-    retryable = status is None or status >= 500 or status in RETRYABLE_STATUSES
+    retryable = not final_error and (status is None or status >= 500 or status in RETRYABLE_STATUSES)
     if retryable and row.attempts + 1 < max_attempts:
         collected.again.add(row.custom_id)
         collected.attempts_used.add(row.custom_id)
@@ -150,15 +195,26 @@ def _settle(result: Dict[str, Any], row: RowEntry, body: Any, entry: BatchFile, 
     return True
 
 
-def _index_rows(ledger: BatchLedger, entry: BatchFile) -> Dict[str, Tuple[int, int]]:
-    """custom_id -> (offset of its row map line, offset of its request line)."""
-    index: Dict[str, Tuple[int, int]] = {}
+def _line_errors(batch_errors: Sequence[Any], rows: int) -> Dict[int, Tuple[str, str]]:
+    """The batch's errors that name an input line: 0-based line -> (code, message)."""
+    found: Dict[int, Tuple[str, str]] = {}
+    for error in batch_errors:
+        line = error.get("line") if isinstance(error, dict) else None
+        if isinstance(line, int) and not isinstance(line, bool) and 1 <= line <= rows:
+            found.setdefault(line - 1, (str(error.get("code") or "invalid_request"),
+                                        f"refused by the batch's validation: {str(error.get('message') or '')[:500]}"))
+    return found
+
+
+def _index_rows(ledger: BatchLedger, entry: BatchFile) -> Dict[str, Tuple[int, int, int]]:
+    """custom_id -> (offset of its row map line, offset of its request line, its 0-based line number)."""
+    index: Dict[str, Tuple[int, int, int]] = {}
     with open(ledger.path_of(entry, "rows"), "rb") as rows, open(ledger.path_of(entry, "input"), "rb") as lines:
         row_offset = line_offset = 0
-        for raw_row in rows:
+        for number, raw_row in enumerate(rows):
             raw_line = lines.readline()
             custom_id = fast_json.loads(raw_row.split(b"\t", 1)[0])
-            index[custom_id] = (row_offset, line_offset)
+            index[custom_id] = (row_offset, line_offset, number)
             row_offset += len(raw_row)
             line_offset += len(raw_line)
     return index

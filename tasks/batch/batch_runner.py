@@ -79,6 +79,8 @@ MAX_REFUSALS = 4
 MAX_TASK_FAILURES = 3
 # How many batches the search for a lost creation reads, at most.
 SEARCH_LIMIT = 2000
+# Answers to a batch's creation that refuse that file (its rows get the error) rather than stop the run.
+REFUSED_FILE_STATUSES = (400, 413, 422)
 
 
 @dataclass(frozen=True)
@@ -314,7 +316,13 @@ async def await_batch(label: str, name: str, run: BatchRun) -> str:
     entry = next(entry for entry in ledger.files if entry.name == name)
     wait = 1.0
     while True:
-        batch = await run.api.retrieve(entry.batch_id or "")
+        try:
+            batch = await run.api.retrieve(entry.batch_id or "")
+        except BatchApiError as error:
+            if error.status != 404:
+                raise
+            _forget_unknown_batch(run, entry)
+            return "unknown"
         before = dict(entry.counts)
         _note_batch(entry, batch)
         run.update_progress()
@@ -334,7 +342,7 @@ async def await_batch(label: str, name: str, run: BatchRun) -> str:
 async def _finish(run: BatchRun, entry: BatchFile, batch: Dict[str, Any]) -> None:
     """A batch ended: learn from a refusal, or download and collect its results; rows left go again."""
     logger = get_run_logger()
-    ledger, settings = run.ledger, run.settings
+    ledger = run.ledger
     errors = (batch.get("errors") or {}).get("data") or []
     codes = [error.get("code") for error in errors if isinstance(error, dict)]
     if entry.status == "failed" and "token_limit_exceeded" in codes and entry.refusals + 1 < MAX_REFUSALS:
@@ -348,29 +356,47 @@ async def _finish(run: BatchRun, entry: BatchFile, batch: Dict[str, Any]) -> Non
         if file_id:
             await run.api.download(file_id, ledger.path_of(entry, kind))
     kill_point("batch-downloaded")
+    failure = None
+    if entry.status == "failed":
+        failure = "; ".join(f"{error.get('code')}: {error.get('message')}" for error in errors
+                            if isinstance(error, dict)) or "no reason given"
+        entry.note = f"failed: {failure}"
+        logger.error("%s (batch %s) failed: %s", entry.name, entry.batch_id, failure)
+        run.errors.note(f"batch {entry.batch_id} failed: {failure}")
+    await _collect(run, entry, logger, batch_errors=errors, failure=failure)
+
+
+async def _collect(run: BatchRun, entry: BatchFile, logger: Any, batch_errors: Sequence[Any] = (),
+                   failure: Optional[str] = None, failure_final: bool = False) -> None:
+    """Write the records of a batch's rows into the parts; rows left go into new files (or online); clean up."""
+    ledger, settings = run.ledger, run.settings
     async with run.collect_lock:
+        already_done = None
+        if entry.collecting:  # a run died while writing these rows: skip those it wrote
+            already_done = await asyncio.to_thread(_rows_done, run.parts)
+        entry.collecting = True
+        ledger.save()
         collected = await asyncio.to_thread(collect_batch_results, ledger, entry, run.shape, run.parts, run.trackers,
-                                            run.prices, run.max_attempts, run.progress, run.errors, logger)
-        if entry.status == "failed":
-            reason = "; ".join(f"{error.get('code')}: {error.get('message')}" for error in errors) or "no reason given"
-            entry.note = f"failed: {reason}"
-            logger.error("%s (batch %s) failed: %s", entry.name, entry.batch_id, reason)
-            run.errors.note(f"batch {entry.batch_id} failed: {reason}")
-        elif entry.status != "completed":
-            entry.note = f"{entry.status} with {collected.answered:,} of {entry.rows:,} rows settled"
-            logger.warning("%s (batch %s) %s; %d rows go %s", entry.name, entry.batch_id, entry.note,
-                           len(collected.again), "online" if settings.fallback == "online" else "into a new batch")
+                                            run.prices, run.max_attempts, run.progress, run.errors, logger,
+                                            batch_errors, failure, failure_final, already_done)
+        kill_point("batch-collected")
+        if entry.status not in ("completed", "failed"):
+            entry.note = f"{entry.status or 'ended'} with {collected.answered:,} of {entry.rows:,} rows settled"
+            if collected.again:
+                logger.warning("%s (batch %s) %s; %d rows go %s", entry.name, entry.batch_id, entry.note,
+                               len(collected.again), "online" if settings.fallback == "online" else "into a new batch")
         stalls = 0 if collected.answered else entry.stalls + 1
-        if collected.again and stalls >= MAX_STALLS:
-            run.stop_reason = (f"batches of {entry.model} ended {stalls} times in a row with nothing done "
-                               f"({entry.note}); {len(collected.again)} rows are left for the next run")
-        elif collected.again and settings.fallback == "online":
+        if collected.again and settings.fallback == "online":
             ledger.online_rows += len(collected.again)
         elif collected.again:
             for new in await asyncio.to_thread(write_retry_files, ledger, entry, collected.again, run.limits,
                                                collected.attempts_used):
                 new.stalls = stalls
+            if stalls >= MAX_STALLS:  # the rows wait in their new files: the next run submits them again
+                run.stop_reason = (f"batches of {entry.model} ended {stalls} times in a row with nothing done "
+                                   f"({entry.note}); {len(collected.again)} rows wait for the next run")
         entry.state = "collected"
+        entry.collecting = False
         entry.finished_at = time.time()
         ledger.save()
     run.update_progress()
@@ -384,10 +410,31 @@ async def _finish(run: BatchRun, entry: BatchFile, batch: Dict[str, Any]) -> Non
             os.remove(ledger.path_of(entry, kind))
 
 
+def _forget_unknown_batch(run: BatchRun, entry: BatchFile) -> None:
+    """The server does not know a batch of ours (HTTP 404): it lost it, or the key is another organisation's.
+    Its file is planned again, so its rows are not lost; a batch that still runs elsewhere is paid twice."""
+    get_run_logger().warning(
+        "The server does not know batch %s of %s (HTTP 404); its %d rows are submitted again. If the API key or "
+        "organisation changed since it was created, that batch still runs there and its rows are paid twice: stop "
+        "this run and use the old key to collect it", entry.batch_id, entry.name, entry.rows)
+    entry.note = f"batch {entry.batch_id} unknown to the server (HTTP 404); submitted again"
+    entry.state, entry.batch_id, entry.status, entry.counts, entry.file_id = "planned", None, None, {}, None
+    entry.output_file_id = entry.error_file_id = entry.creation = None
+    run.ledger.save()
+
+
+def _rows_done(parts: Dict[int, PartWriter]) -> set:
+    """(shard, line index) of every row with its final record in the parts."""
+    return {(shard, index) for shard, part in parts.items() for index in read_part_state(part.path).done}
+
+
 async def _submit_ready(run: BatchRun, logger: Any) -> None:
     """Upload and create the batches of every file the enqueued-token cap has room for."""
     ledger = run.ledger
-    for entry in list(ledger.files):
+    position = 0
+    while position < len(ledger.files):  # files a split adds are met too
+        entry = ledger.files[position]
+        position += 1
         if entry.state not in ("planned", "uploaded"):
             continue
         cap = _queue_cap(ledger, run.settings, entry.model)
@@ -397,17 +444,36 @@ async def _submit_ready(run: BatchRun, logger: Any) -> None:
         if cap is None and validating:
             continue  # no cap known: one batch of a model validates at a time, so a refusal comes at most once
         if cap is not None and entry.tokens > cap and entry.rows > 1:
-            _split(run, entry, logger)
+            await _split(run, entry, logger)
             continue
         if cap is not None and queued > 0 and queued + entry.tokens > cap:
             continue
-        if entry.state == "planned":
+        fresh_upload = entry.state == "planned"
+        if fresh_upload:
             entry.file_id = await run.api.upload(ledger.path_of(entry, "input"), f"{ledger.job[:12]}-{entry.name}.jsonl")
             entry.state = "uploaded"
             ledger.save()
         ledger.begin_creation(entry)
         kill_point("batch-creating")
-        batch = await run.api.create(entry.file_id or "", entry.endpoint, ledger.metadata(entry))
+        try:
+            batch = await run.api.create(entry.file_id or "", entry.endpoint, ledger.metadata(entry))
+        except BatchApiError as error:
+            if error.status not in REFUSED_FILE_STATUSES + (404,):
+                raise
+            if not fresh_upload:  # uploaded by an earlier run: the server may have lost that file; upload it again
+                logger.warning("%s: creating its batch failed (%s); its file is uploaded again", entry.name, error)
+                entry.state, entry.file_id, entry.creation = "planned", None, None
+                ledger.save()
+                position -= 1
+                continue
+            if error.status == 404:
+                raise
+            entry.note = f"refused: {error}"  # still "creating": a crash before it is collected tries again
+            logger.error("%s: the server refused to create its batch (%s); its %d rows get this error", entry.name,
+                         error, entry.rows)
+            run.errors.note(str(error))
+            await _collect(run, entry, logger, failure=str(error), failure_final=True)
+            continue
         kill_point("batch-created")
         entry.batch_id = str(batch["id"])
         entry.state = "submitted"
@@ -417,7 +483,7 @@ async def _submit_ready(run: BatchRun, logger: Any) -> None:
                     entry.model, entry.endpoint)
 
 
-def _split(run: BatchRun, entry: BatchFile, logger: Any) -> None:
+async def _split(run: BatchRun, entry: BatchFile, logger: Any) -> None:
     """A file larger than the learned cap: its rows go into files that fit; the old one is retired."""
     ledger = run.ledger
     new_files = write_retry_files(ledger, entry, None, run.limits, set(), round_number=entry.round)
@@ -427,6 +493,9 @@ def _split(run: BatchRun, entry: BatchFile, logger: Any) -> None:
                 entry.tokens, len(new_files))
     entry.state, entry.note = "collected", f"split into {', '.join(new.name for new in new_files)}"
     ledger.save()
+    if entry.file_id and not run.settings.keep_files:
+        with contextlib.suppress(BatchApiError):
+            await run.api.delete_file(entry.file_id)
 
 
 async def _find_lost_creations(run: BatchRun, logger: Any) -> None:

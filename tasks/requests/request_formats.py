@@ -117,13 +117,13 @@ class InvalidLine:
         line_index: the line's index inside its shard (0-based, blank lines counted).
         reason: why it cannot be sent.
         raw_text: the line as text (for the cookbook output's request element).
-        custom_id: the batch line's custom_id when it could be read.
+        custom_id: the batch line's custom_id when it could be read (as written, even when it is not a string).
     """
 
     line_index: int
     reason: str
     raw_text: str
-    custom_id: Optional[str] = None
+    custom_id: Any = None
 
 
 def detect_shape(lines: Union[bytes, Iterable[bytes]]) -> RequestShape:
@@ -343,7 +343,8 @@ def _parse_batch_line(value: Dict[str, Any], raw: bytes, request_url: str, line_
     custom_id = value.get("custom_id")
     text = raw.decode("utf-8", "replace")
     if not isinstance(custom_id, str) or not custom_id:
-        return InvalidLine(line_index, "a batch line needs a non-empty string custom_id", text, None)
+        return InvalidLine(line_index, f"a batch line needs a non-empty string custom_id, got {_short(custom_id)}", text,
+                           custom_id if custom_id not in (None, "") else None)
     body = value.get("body")
     if not isinstance(body, dict):
         return InvalidLine(line_index, "a batch line needs a JSON object body", text, custom_id)
