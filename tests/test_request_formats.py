@@ -101,6 +101,14 @@ def test_a_field_of_the_wrong_type_is_that_rows_error(body, field: str) -> None:
         assert isinstance(parsed, InvalidLine) and field in parsed.reason, parsed
 
 
+def test_a_background_response_is_that_rows_error_and_a_foreground_one_is_sent() -> None:
+    url = "http://h:1/v1/responses"
+    parsed = parse_line(b'{"model": "gpt-4.1", "input": "hi", "background": true}', RequestShape.COOKBOOK, url)
+    assert isinstance(parsed, InvalidLine) and "background" in parsed.reason
+    parsed = parse_line(b'{"model": "gpt-4.1", "input": "hi", "background": false}', RequestShape.COOKBOOK, url)
+    assert not isinstance(parsed, InvalidLine)
+
+
 def test_the_shape_is_decided_on_the_first_complete_line_whatever_its_length() -> None:
     image = "data:image/png;base64," + "A" * 200_000
     first = json.dumps({"custom_id": "r0", "method": "POST", "url": "/v1/chat/completions",

@@ -232,8 +232,8 @@ def body_problem(body: Dict[str, Any], endpoint: Optional[str] = None) -> Option
 
     Checks ``model`` (a string), the completion sizes and ``n`` (whole numbers), ``messages`` (a list
     of objects), ``prompt`` and an embeddings ``input`` (text, a list of texts, or token arrays), a
-    Responses ``input`` (text, or a list of items), and ``stream`` (answers are read whole, so
-    streaming is refused).
+    Responses ``input`` (text, or a list of items), ``stream`` (answers are read whole, so
+    streaming is refused) and a Responses ``background`` (its answer would hold no output yet).
 
     Args:
         body: the JSON body.
@@ -262,6 +262,8 @@ def body_problem(body: Dict[str, Any], endpoint: Optional[str] = None) -> Option
         return f"prompt must be a string, a list of strings, or token arrays, got {_type_name(value)}"
     if body.get("stream") is True:
         return "streamed answers are not supported: remove \"stream\": true"
+    if endpoint == "responses" and body.get("background") is True:
+        return "background responses are not supported (the answer would hold no output): remove \"background\": true"
     return None
 
 
