@@ -30,6 +30,7 @@ lock, or when the key cannot be sent; 2 for bad arguments or a missing input.
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -133,20 +134,28 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         batch_queue_tokens=args.batch_queue_tokens,
         batch_max_requests=args.batch_max_requests,
     )
+    progress = args.progress if args.progress != "auto" else ("bar" if sys.stderr.isatty() else "lines")
+    parameters["progress_every_seconds"] = args.progress_seconds if progress == "lines" else 0
+    if progress == "bar" and not args.dry_run:
+        from tasks.reporting.live_display import LiveDisplay  # imports rich: after Prefect (which loads it anyway)
+        display: Any = LiveDisplay()
+    else:
+        display = contextlib.nullcontext()
     with embedded_api.settings() if embedded_api else contextlib.nullcontext():
         try:
-            final_state = asyncio.run(flow_function(**parameters, return_state=True))
+            with display:
+                final_state = asyncio.run(flow_function(**parameters, return_state=True))
         except KeyboardInterrupt:  # Ctrl-C: every finished row is kept; one line, no traceback
-            batches = ("; the batches were cancelled, and the next run collects what they finished" if args.cancel_batches
-                       else "; the batches keep running on the server (paid for), and the next run collects them")
-            print("parallel-requests: interrupted; the finished rows are kept; run the same command again to continue"
-                  + (batches if args.mode == "batch" else ""), file=sys.stderr)
+            print(f"parallel-requests: interrupted; {_rows_kept()}; run the same command again to continue"
+                  + (_batches_on_interrupt(args.cancel_batches) if args.mode == "batch" else ""), file=sys.stderr)
             return 130
         summary = final_state.result(raise_on_failure=False) if final_state.data is not None else None
         if asyncio.iscoroutine(summary):
             summary = asyncio.run(summary)
     if isinstance(summary, dict):
-        print(format_cli_summary(summary))
+        print(json.dumps(summary, default=str) if args.json else format_cli_summary(summary))
+    elif args.json:
+        print(json.dumps({"complete": False, "stop_reason": final_state.message or "the run failed"}))
     if final_state.is_completed():
         return 0
     print(f"parallel-requests: {final_state.message or 'the run failed'}", file=sys.stderr)
@@ -233,6 +242,13 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
              "finish (default: learned from the first refusal)")
     add("batch_max_requests", type=int, default=MAX_BATCH_REQUESTS,
         help="batch mode: the most requests per batch file (default: %(default)s, the API's limit)")
+    add("progress", default="auto", choices=("auto", "bar", "lines", "off"),
+        help="progress while sending, on stderr: bar (a live status block), lines (a progress line every 30 s), "
+             "off; auto: bar on a terminal, else lines (default: %(default)s)")
+    add("progress_seconds", type=float, default=30.0,
+        help="with --progress lines: seconds between two progress lines (default: %(default)s)")
+    parser.add_argument("--json", dest="json", action="store_true",
+                        help="print the run summary on stdout as one JSON object (progress and logs stay on stderr)")
     args = parser.parse_args(argv)
     args.api_key_from_flag = args.api_key is not None
     if args.api_key is None:
@@ -242,6 +258,22 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 
+
+
+def _rows_kept() -> str:
+    """What an interrupted run kept, in words."""
+    from tasks.reporting.live_metrics import current
+    progress = current()
+    if progress is None:
+        return "the finished rows are kept"
+    return f"the {progress.rows_settled:,} rows this run finished are kept (with those of earlier runs)"
+
+
+def _batches_on_interrupt(cancelled: bool) -> str:
+    """What became of the batches after Ctrl-C, in words."""
+    if cancelled:
+        return "; the batches were cancelled, and the next run collects what they finished"
+    return "; the batches keep running on the server (paid for), and the next run collects them"
 
 
 def format_cli_summary(summary: Dict[str, Any]) -> str:
@@ -271,11 +303,20 @@ def format_cli_summary(summary: Dict[str, Any]) -> str:
         f"{rate:,.0f} requests/min sustained{against}\n"
         f"  tokens estimated {totals['tokens_estimated']:,}; used "
         f"{totals['prompt_tokens_used'] + totals['completion_tokens_used']:,}; cost ${totals['cost_usd']:,.4f}\n"
+        + "".join(f"  {'time waiting for the limiter' if model == 'limiter wait' else f'latency {model}'}: p50 {_ms(values['p50'])}, p90 {_ms(values['p90'])}, p99 {_ms(values['p99'])}"
+                  f" ({values['count']:,})\n" for model, values in (summary.get("latency") or {}).items())
         + "".join(f"  limit: {text}\n" for text in summary.get("limits_in_force") or [])
         + "".join(f"  batches: {text}\n" for text in summary.get("batches") or [])
         + f"  results: {summary['output']}"
         + (f" ({summary['output_note']})" if summary.get("output_note") else "")
     )
+
+
+def _ms(seconds: Optional[float]) -> str:
+    """Seconds as 420 ms or 2.31 s."""
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:,.0f} ms" if seconds < 1 else f"{seconds:,.2f} s"
 
 
 def format_dry_run(report: Dict[str, Any]) -> str:

@@ -63,7 +63,6 @@ from tasks.reporting.metrics import (
     RunProgress,
     RunSummary,
     StatusTracker,
-    progress_artifact,
     publish_dry_run_artifact,
     publish_run_artifacts,
 )
@@ -104,6 +103,7 @@ from tasks.storage.uris import (
     output_size,
     remove_stale_temporaries,
 )
+from tasks.reporting.live_reports import live_reports, publish_timeline
 from tasks.requests.token_estimation import TokenEstimator
 from tasks.job.work_location import WorkFolderRefused, WorkLocation, default_work_dir
 
@@ -118,6 +118,7 @@ async def parallel_requests(
     request_url: str = DEFAULT_REQUEST_URL,
     max_requests_per_minute: Optional[float] = None,
     max_tokens_per_minute: Optional[float] = None,
+    mode: str = "online",
     token_encoding_name: Optional[str] = None,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
@@ -141,13 +142,13 @@ async def parallel_requests(
     shard_deployment: Optional[str] = None,
     dask_cluster: Optional[str] = None,
     wait_for_lock: bool = False,
-    mode: str = "online",
     batch_submit_only: bool = False,
     batch_fallback: str = "batch",
     keep_batch_files: bool = False,
     cancel_batches: bool = False,
     batch_queue_tokens: Optional[int] = None,
     batch_max_requests: int = MAX_BATCH_REQUESTS,
+    progress_every_seconds: Optional[float] = 30.0,
 ) -> State:
     """Send every request of a JSONL file through one shared rate-limit engine and save the results.
 
@@ -158,6 +159,8 @@ async def parallel_requests(
         max_requests_per_minute: the request limit. None: learn it from the server's
             ``x-ratelimit-*`` headers (see learn_limits). The server's headers lower any limit.
         max_tokens_per_minute: the token limit, likewise.
+        mode: ``online`` sends each request under the rate limits; ``batch`` sends the job through the
+            OpenAI Batch API (half the price, results within 24 hours; see ``tasks.batch.batch_runner``).
         token_encoding_name: force a tiktoken encoding; None follows each request's model.
         max_attempts: how many times a request is tried, at most, on retryable failures.
         max_in_flight: how many requests may await an answer at once, across all shards.
@@ -198,8 +201,6 @@ async def parallel_requests(
             ``tcp://10.0.0.5:8786``. Needs ``limiter`` (and ``work_dir`` reachable by every worker).
         wait_for_lock: when another run of the same job (the same output) is in progress, wait for it
             to finish instead of failing at once. Either way no row is sent twice.
-        mode: ``online`` sends each request under the rate limits; ``batch`` sends the job through the
-            OpenAI Batch API (half the price, results within 24 hours; see ``tasks.batch.batch_runner``).
         batch_submit_only: batch mode: submit and collect what has ended, never wait; the same call later
             collects the rest and submits nothing twice (for a scheduled deployment).
         batch_fallback: batch mode: where rows an expired or failed batch left go: ``batch`` (a new batch)
@@ -210,6 +211,8 @@ async def parallel_requests(
         batch_queue_tokens: batch mode: the enqueued-token cap per model (OpenAI's batch queue limit);
             None learns it from the first refusal.
         batch_max_requests: batch mode: the most requests per batch file (the API allows 50,000).
+        progress_every_seconds: log a progress line this often while sending (rows, rate against the
+            limit, 429s, cost, ETA); None or 0: none (the command line's live display shows it instead).
 
     Returns:
         A Completed state when every row has its result, a Failed state naming the reason
@@ -264,14 +267,15 @@ async def parallel_requests(
             submit_only=batch_submit_only, fallback=batch_fallback, keep_files=keep_batch_files,
             cancel_on_interrupt=cancel_batches, queue_tokens=batch_queue_tokens, max_requests=batch_max_requests)
         return await _run_job(logger, started, job, placement, requests_filepath, save_filepath, work, lock, api_key,
-                              transport_params, batch)
+                              transport_params, batch, progress_every_seconds or None)
     finally:
         await asyncio.to_thread(lock.release)
 
 
 async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardPlacement, requests_filepath: str,
                    save_filepath: str, work: WorkLocation, lock: JobLock, api_key: Optional[str],
-                   transport_params: Optional[Dict[str, Any]], batch: Optional[BatchSettings] = None) -> State:
+                   transport_params: Optional[Dict[str, Any]], batch: Optional[BatchSettings] = None,
+                   progress_every_seconds: Optional[float] = None) -> State:
     """The job, with its lock held: resume or start, reuse paid answers, run the shards (or the batches), finish the output."""
     try:
         work.reload()
@@ -316,7 +320,8 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
     progress = RunProgress(total_bytes=size)
     run_slot = (concurrency(placement.run_concurrency_limit, occupy=1) if placement.run_concurrency_limit
                 else contextlib.nullcontext())
-    async with run_slot, progress_artifact(progress):
+    reports = live_reports(progress, os.path.basename(requests_filepath), progress_every_seconds, logger)
+    async with run_slot, reports:
         try:
             if placement.shard_deployment or placement.dask_cluster:
                 await check_limiter(str(job.engine.limiter))  # the shards' engines share it: check it is there
@@ -378,8 +383,10 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
         stop_reason=outcome.stop_reason, error_examples=report.invalid_line_examples + outcome.error_examples,
         duration_seconds=time.monotonic() - started, reused_rows=work.reused_rows, output_note=output_note,
         limit_notes=outcome.limit_notes, batch_notes=batches.notes() if batches else [],
+        latency=progress.live.latency_summary(), timeline=progress.live.timeline_rows(),
     )
     await publish_run_artifacts(summary)
+    await publish_timeline(progress, os.path.basename(requests_filepath))
     if batches is not None and not summary.complete and summary.stop_reason is None and batches.waiting_on_server:
         message = (f"{batches.live_batches} batch(es) running on the server, {batches.waiting_files} file(s) waiting "
                    "to be submitted; run the same command again to collect them")

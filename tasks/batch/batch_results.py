@@ -117,7 +117,7 @@ def collect_batch_results(ledger: BatchLedger, entry: BatchFile, shape: RequestS
             final = _settle(result, row, body, entry, shape, parts, trackers, prices, max_attempts, errors, collected)
             if final:
                 collected.answered += 1
-                progress.advance(row.line_bytes)
+                progress.advance(row.line_bytes, rows=1)
         for custom_id in [custom_id for custom_id in index if custom_id not in settled]:  # in neither file
             row, body = row_of(custom_id)
             if already_done is not None and (row.shard, row.line_index) in already_done:
@@ -138,7 +138,7 @@ def collect_batch_results(ledger: BatchLedger, entry: BatchFile, shape: RequestS
                 collected.again.add(custom_id)  # never ran (an expiry, a cancel, a lost line): no attempt used
                 continue
             collected.answered += 1
-            progress.advance(row.line_bytes)
+            progress.advance(row.line_bytes, rows=1)
     if collected.ignored_lines:
         logger.warning("%s (batch %s): %d result lines named no row of the file, or one already answered; ignored",
                        entry.name, entry.batch_id, collected.ignored_lines)

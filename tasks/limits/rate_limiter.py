@@ -466,6 +466,18 @@ def limit_notes(lanes: Dict[Tuple[str, str], Lane]) -> List[str]:
     return notes
 
 
+def limits_in_force(lanes: Dict[Tuple[str, str], Any]) -> Tuple[Optional[float], Optional[float]]:
+    """The requests-per-minute and tokens-per-minute limits in force, added over the lanes (None: no limit)."""
+    found: List[Optional[float]] = []
+    for scope in ("requests", "tokens"):
+        values = []
+        for lane in list(lanes.values()):
+            limits = getattr(lane, "limits", None) or getattr(getattr(lane, "buckets", None), "limits", None)
+            values.append(limits.in_force(scope) if limits is not None else None)
+        found.append(None if not values or any(value is None for value in values) else sum(values))
+    return found[0], found[1]
+
+
 @dataclass
 class RateLimiterPool:
     """One bucket pair per (model, endpoint), as OpenAI limits each model, and one in-flight cap for all.

@@ -174,6 +174,8 @@ def _launch(port: int) -> subprocess.Popen:
         "PREFECT_UI_ENABLED": "0",
         "PREFECT__SERVER_EPHEMERAL": "1",
         "PREFECT__SERVER_FINAL": "1",
+        # A local API for one run sends no telemetry (and prints no error when no network reaches it).
+        "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
     }
     command = [
         sys.executable, "-m", "uvicorn",

@@ -39,6 +39,9 @@ from prefect.artifacts import (
 )
 from prefect.context import FlowRunContext
 
+# Local application imports
+from tasks.reporting.live_metrics import LiveMetrics, latency_markdown_rows
+
 logger = logging.getLogger(__name__)
 
 PROGRESS_KEY = "parallel-requests-progress"
@@ -167,14 +170,19 @@ class StatusTracker:
 
 @dataclass
 class RunProgress:
-    """Progress shared by every shard of a run: input bytes whose rows are finished."""
+    """Progress shared by every shard of a run: input bytes whose rows are finished, rows settled by
+    this run, and what the run is doing now (``live``: rates, latency, the timeline)."""
 
     total_bytes: int
     done_bytes: int = 0
+    rows_settled: int = 0
+    live: LiveMetrics = field(default_factory=LiveMetrics)
 
-    def advance(self, line_bytes: int) -> None:
-        """A line ``line_bytes`` long is finished (a row with its result, or a blank line)."""
+    def advance(self, line_bytes: int, rows: int = 0) -> None:
+        """A line ``line_bytes`` long is finished (``rows``: 1 for a row this run settled, 0 for a blank
+        line or one an earlier run finished)."""
         self.done_bytes += line_bytes
+        self.rows_settled += rows
 
     @property
     def percent(self) -> float:
@@ -201,6 +209,10 @@ class RunSummary:
         limit_notes: the limits in force and where each came from ("20 requests per 2 s (learned from
             x-ratelimit headers)"), and budgets the server states.
         batch_notes: in batch mode, where the job's batches stand ("3 batches: 2 completed, 1 in progress").
+        latency: per model, p50/p90/p99 seconds from sending to the answer, and "limiter wait": how
+            long requests waited for the rate limiter (``LiveMetrics.latency_summary``).
+        timeline: per interval, the request rate against the limit, 429s, retries, errors, tokens and
+            latency p90 (``LiveMetrics.timeline_rows``).
     """
 
     source: str
@@ -216,6 +228,8 @@ class RunSummary:
     output_note: Optional[str] = None
     limit_notes: List[str] = field(default_factory=list)
     batch_notes: List[str] = field(default_factory=list)
+    latency: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    timeline: List[Dict[str, Any]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -240,6 +254,8 @@ class RunSummary:
             "output_note": self.output_note,
             "limits_in_force": self.limit_notes,
             "batches": self.batch_notes,
+            "latency": self.latency,
+            "timeline": self.timeline,
             "shards": [shard.table_row() for shard in self.shards],
             "error_examples": self.error_examples,
         }
@@ -277,7 +293,7 @@ class RunSummary:
             f"{f' (+ {totals.unpriced_requests:,} requests of models with no price)' if totals.unpriced_requests else ''} |",
             f"| duration | {self.duration_seconds:,.1f} s |",
         ] + [f"| limit in force | {text} |" for text in self.limit_notes] + [
-            f"| batches | {text} |" for text in self.batch_notes]
+            f"| batches | {text} |" for text in self.batch_notes] + latency_markdown_rows(self.latency)
         if totals.retries_by_cause:
             lines += ["", "Retries by cause: " + ", ".join(f"{cause} {count}" for cause, count in sorted(totals.retries_by_cause.items()))]
         if self.error_examples:

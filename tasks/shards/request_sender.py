@@ -20,6 +20,7 @@ Usage:
 
 # Standard library imports
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -99,6 +100,7 @@ class RequestSender:
     async def _attempts(self, request: ParsedRequest, lane: Lane, tokens: int, line_bytes: int) -> float:
         """Try the request until it is settled; return what its answer cost."""
         context, tracker = self.context, self.tracker
+        live = context.progress.live
         errors = []
         failed_attempts = rate_limit_waits = 0
         holds_capacity = True
@@ -114,12 +116,15 @@ class RequestSender:
                     tracker.not_sent += 1
                     return 0.0
             tracker.note_request_sent()
+            live.sent()
+            started = time.monotonic()
             try:
                 result = await context.client.send(request.method, request.url, request.payload)
             finally:
                 lane.release(tokens)
                 holds_capacity = False
             tracker.note_response()
+            live.answered(request.model, time.monotonic() - started, result.outcome is Outcome.RATE_LIMITED)
             if result.status is not None:  # follow the server's rate-limit headers, and whether it was a 429
                 lane.observe(result.limits, result.outcome is Outcome.RATE_LIMITED)
             if result.outcome is Outcome.SUCCESS:
@@ -147,6 +152,7 @@ class RequestSender:
                 if rate_limit_waits <= MAX_RATE_LIMIT_WAITS:
                     wait = result.retry_after if result.retry_after is not None else backoff_seconds(rate_limit_waits, 1.0)
                     tracker.note_retry("rate_limited")
+                    live.retried()
             elif result.outcome is Outcome.INVALID:
                 tracker.failed_invalid_request += 1
                 return self._failed(request, line_bytes, result, errors)
@@ -156,6 +162,7 @@ class RequestSender:
                     wait = max(result.retry_after or 0.0,
                                backoff_seconds(failed_attempts, context.settings.retry_base_seconds))
                     tracker.note_retry(result.cause or "error")
+                    live.retried()
             if wait is None:
                 tracker.failed_after_retries += 1
                 return self._failed(request, line_bytes, result, errors)
@@ -167,8 +174,10 @@ class RequestSender:
         """Wait for capacity for another attempt; False when the run stopped (nothing is held then)."""
         if self.context.stop.stopped:
             return False
+        started = time.monotonic()
         try:
             await lane.acquire(tokens)
+            self.context.progress.live.waited(time.monotonic() - started)
         except LimiterUnavailable as error:
             self.context.stop.stop(str(error))
             return False
@@ -197,11 +206,13 @@ class RequestSender:
             else:
                 self.tracker.cost_usd += priced
                 cost = priced
+            self.context.progress.live.used(usage.prompt_tokens + usage.completion_tokens, cost)
         self.recorder.record(request, line_bytes, RowResult.answer(result))
         return cost
 
     def _failed(self, request: ParsedRequest, line_bytes: int, result: ApiResult, errors: list) -> float:
         """Write a request's final failure and warn about it."""
+        self.context.progress.live.failed()
         self.logger.warning("%s line +%d failed after %d attempt(s): %s (request id %s)", self.label,
                             request.line_index, len(errors), result.error, result.request_id or "-")
         self.recorder.record(request, line_bytes, RowResult.answer(result, errors))

@@ -94,12 +94,12 @@ class ResultRecorder:
             self.part.write_local_error(request.line_index, request.digest, output)
         else:
             self.part.write_result(request.line_index, request.digest, output, answered=result.status is not None)
-        self.progress.advance(line_bytes)
+        self.progress.advance(line_bytes, rows=1)
 
     def invalid_line(self, line: InvalidLine, offset: int, line_bytes: int) -> None:
         """Write an invalid line's error record and warn, naming the file, shard, line and byte offset."""
         self.part.write_invalid(line)
-        self.progress.advance(line_bytes)
+        self.progress.advance(line_bytes, rows=1)
         self.logger.warning("%s: %s line +%d (byte %d): %s", os.path.basename(self.shard.source), self.shard.label,
                             line.line_index, offset, line.reason)
 

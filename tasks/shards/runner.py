@@ -31,7 +31,7 @@ from prefect.utilities.annotations import quote
 from tasks.api.api_client import ApiClient
 from tasks.reporting.metrics import RunProgress, StatusTracker
 from tasks.requests.pricing import PriceTable
-from tasks.limits.rate_limiter import RateLimiterPool
+from tasks.limits.rate_limiter import RateLimiterPool, limits_in_force
 from tasks.limits.redis_engine import RedisRateLimiterPool, limiter_identity
 from tasks.requests.request_formats import RequestShape
 from tasks.shards.run_state import Budget, RunContext, RunSettings, RunStop
@@ -244,6 +244,7 @@ async def run_shards_here(job: ShardJob, shards: Sequence[ShardSpec], part_paths
         LimiterUnavailable: when the Redis engine cannot be reached at start.
     """
     engine = job.engine.build(job.request_url, api_key)
+    progress.live.limit_probe = lambda: limits_in_force(engine.lanes)
     try:
         await engine.check()
         # A budget prices every request; otherwise each lane makes the estimator on first need (a token limit).

@@ -193,8 +193,10 @@ class ShardReader:
                               reserved_usd: float) -> None:
         """Wait in the request's lane of the engine, then send it until it is settled."""
         try:
+            started = time.monotonic()
             try:
                 await lane.acquire(tokens)
+                self.context.progress.live.waited(time.monotonic() - started)
             except LimiterUnavailable as error:  # the shared engine is gone: stop, keep what is done
                 self.context.budget.settle(reserved_usd, 0.0)
                 self.context.stop.stop(str(error))
