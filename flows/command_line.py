@@ -152,6 +152,8 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         summary = final_state.result(raise_on_failure=False) if final_state.data is not None else None
         if asyncio.iscoroutine(summary):
             summary = asyncio.run(summary)
+        from tasks.reporting.run_events import flush_events
+        flush_events()  # the run's events reach the API before this process (and its local API) ends
     if isinstance(summary, dict):
         print(json.dumps(summary, default=str) if args.json else format_cli_summary(summary))
     elif args.json:

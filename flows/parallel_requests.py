@@ -90,7 +90,7 @@ from tasks.requests.request_formats import DEFAULT_REQUEST_URL
 from tasks.storage.results_storage import IncompleteOutput, PartInfo, assemble_output, count_lines
 from tasks.storage.row_reuse import reuse_paid_answers
 from tasks.platform.prefect_blocks import resolve_api_key, transport_params_for
-from tasks.batch.batch_runner import BatchSettings, live_batches_in, merge_batch_counts, run_batches
+from tasks.batch.batch_runner import BatchOutcome, BatchSettings, live_batches_in, merge_batch_counts, run_batches
 from tasks.shards.runner import EngineSettings, ShardJob, ShardOutcome, ShardPlacement, run_shards_here
 from tasks.shards.sharding import detect_source_shape, plan_shards
 from tasks.storage.uris import (
@@ -104,6 +104,7 @@ from tasks.storage.uris import (
     remove_stale_temporaries,
 )
 from tasks.reporting.live_reports import live_reports, publish_timeline
+from tasks.reporting.run_events import emit_run_event
 from tasks.requests.token_estimation import TokenEstimator
 from tasks.job.work_location import WorkFolderRefused, WorkLocation, default_work_dir
 
@@ -320,7 +321,8 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
     progress = RunProgress(total_bytes=size)
     run_slot = (concurrency(placement.run_concurrency_limit, occupy=1) if placement.run_concurrency_limit
                 else contextlib.nullcontext())
-    reports = live_reports(progress, os.path.basename(requests_filepath), progress_every_seconds, logger)
+    reports = live_reports(progress, os.path.basename(requests_filepath), progress_every_seconds, logger,
+                           job_id=work.generation)
     async with run_slot, reports:
         try:
             if placement.shard_deployment or placement.dask_cluster:
@@ -387,6 +389,7 @@ async def _run_job(logger: Any, started: float, job: ShardJob, placement: ShardP
     )
     await publish_run_artifacts(summary)
     await publish_timeline(progress, os.path.basename(requests_filepath))
+    _emit_end_events(summary, job, work.generation, os.path.basename(requests_filepath), batches)
     if batches is not None and not summary.complete and summary.stop_reason is None and batches.waiting_on_server:
         message = (f"{batches.live_batches} batch(es) running on the server, {batches.waiting_files} file(s) waiting "
                    "to be submitted; run the same command again to collect them")
@@ -429,6 +432,20 @@ def _batches_still_running(work: WorkLocation, fingerprint: str, request_url: st
         return (f"the input (or the request URL) changed while {live} batch(es) of the earlier input still run on the "
                 "server; restore it and run --mode batch to collect them first, so no row is paid twice")
     return None
+
+
+def _emit_end_events(summary: RunSummary, job: ShardJob, job_id: str, source_name: str,
+                     batches: Optional[BatchOutcome]) -> None:
+    """The run's end as Prefect events: finished, or stopped (and budget-reached); nothing while batches wait."""
+    data = summary.to_dict()
+    if summary.complete:
+        emit_run_event("finished", job_id, source_name, data)
+        return
+    if batches is not None and summary.stop_reason is None and batches.waiting_on_server:
+        return
+    if job.budget_usd is not None and (summary.stop_reason or "").startswith("budget of"):
+        emit_run_event("budget-reached", job_id, source_name, data)
+    emit_run_event("stopped", job_id, source_name, data)
 
 
 async def _run_batch_mode(logger: Any, job: ShardJob, batch: BatchSettings, shard_specs: Any, part_paths: Any,

@@ -1,14 +1,18 @@
 """Deployments on a real Prefect server and a real process worker: deploy --all, run, read back, limits."""
 
 # Standard library imports
+import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from typing import Any, Dict, Iterator, List, Tuple
 
 # Third-party imports
+import asyncpg
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -221,3 +225,84 @@ def test_serve_builds_every_deployment_of_prefect_yaml_with_its_own_flow() -> No
     assert built["workers"].flow_name == "parallel-requests-shards"
     assert built["adhoc"].flow_name == "parallel-requests"
     assert [schedule.schedule.cron for schedule in built["nightly-example"].schedules] == ["0 2 * * *"]
+
+
+@pytest.fixture(scope="module")
+def postgres_prefect_server(tmp_path_factory) -> Iterator[Tuple[str, Dict[str, str]]]:
+    """A ``prefect server start`` backed by the PostgreSQL on 127.0.0.1:5432 (a database of its own, dropped
+    after), as a team runs it; and a client's environment."""
+    database = f"prefect_test_{os.getpid()}"
+    _postgres(f'DROP DATABASE IF EXISTS "{database}"', f'CREATE DATABASE "{database}"')
+    home = str(tmp_path_factory.mktemp("prefect-postgres-home"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "OPENAI_API_KEY"}
+    env.update(PREFECT_HOME=home, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+               PREFECT_API_DATABASE_CONNECTION_URL=f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}")
+    server = subprocess.Popen([f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api_url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{api_url}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "prefect server on PostgreSQL did not start"
+                time.sleep(0.5)
+        client_env = {k: v for k, v in env.items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"}
+        client_env.update(PREFECT_API_URL=api_url, PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-pg-client")))
+        yield api_url, client_env
+    finally:
+        stop_group(server)
+        _postgres(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def _postgres(*statements: str) -> None:
+    async def run() -> None:
+        connection = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
+        try:
+            for statement in statements:
+                await connection.execute(statement)
+        finally:
+            await connection.close()
+    asyncio.run(run())
+
+
+async def test_on_a_postgres_backed_server_a_deployment_runs_through_a_worker(postgres_prefect_server, api_server,
+                                                                             tmp_path) -> None:
+    api_url, env = postgres_prefect_server
+    server = api_server(api_key=KEY)
+    rows = [{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"p{i}"}], "metadata": {"row": i}}
+            for i in range(90)]
+    source = write_jsonl(tmp_path / "pg.jsonl", rows)
+    _prefect(env, "work-pool", "create", "local", "--type", "process")
+    _prefect(env, "--no-prompt", "deploy", "--all")
+    worker = subprocess.Popen([f"{BIN}/prefect", "worker", "start", "--pool", "local"], cwd=str(tmp_path),
+                              env=dict(env, OPENAI_API_KEY=KEY), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _prefect(env, "deployment", "run", "parallel-requests/adhoc", "--param", f"requests_filepath={source}",
+                 "--param", f"request_url={server.url}/v1/chat/completions", "--param", "shards=2", "--watch",
+                 timeout=240)
+    finally:
+        stop_group(worker)
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        async with get_client() as client:
+            adhoc = await client.read_deployment_by_name("parallel-requests/adhoc")
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id={"any_": [adhoc.id]}))
+            assert len(runs) == 1 and runs[0].state.is_completed(), runs[0].state
+            artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id])))
+    by_key = {artifact.key: artifact for artifact in artifacts}
+    assert "| succeeded | 90 |" in by_key["parallel-requests-summary"].data
+    assert "latency gpt-4o-mini" in by_key["parallel-requests-summary"].data
+    assert "requests/min" in by_key["parallel-requests-timeline"].data
+    # The run form: the parameters most runs need come first, in this order; every one is described.
+    schema = adhoc.parameter_openapi_schema["properties"]
+    first = sorted(schema, key=lambda name: schema[name]["position"])[:6]
+    assert first == ["requests_filepath", "save_filepath", "request_url", "max_requests_per_minute",
+                     "max_tokens_per_minute", "mode"]
+    assert all(schema[name].get("description") for name in schema)
+    assert len(open(tmp_path / "pg_results.jsonl").readlines()) == 90

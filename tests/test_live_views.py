@@ -3,12 +3,15 @@
 """
 
 # Standard library imports
+import http.server
 import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from typing import Any, List, Optional
 
@@ -150,3 +153,50 @@ def test_without_a_terminal_progress_comes_as_lines_and_json_on_stdout(api_serve
     assert timeline and sum(row["sent"] for row in timeline) == summary["totals"]["requests_sent"]
     assert sum(row["retries"] for row in timeline) == summary["totals"]["retries"] > 0
     assert all(row["limit_per_minute"] == 6000 for row in timeline[1:])
+
+
+def test_the_readmes_automation_notifies_a_webhook_when_a_run_ends_with_failed_rows(api_server, tmp_path,
+                                                                                   prefect_api_url,
+                                                                                   monkeypatch) -> None:
+    received: List[Any] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the http.server name)
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+    try:
+        name = f"failed-rows-{os.getpid()}"
+        created = subprocess.run([sys.executable, "deployments/notify_on_failed_rows.py", "--webhook-url",
+                                  f"http://127.0.0.1:{hook.server_port}/hook", "--name", name], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=120)
+        assert created.returncode == 0, created.stderr[-2000:]
+        server = api_server()
+        clean = write_jsonl(tmp_path / "clean.jsonl", _rows(20))
+        code, _, err = _run(["--requests_filepath", clean, "--request_url", f"{server.url}/v1/chat/completions",
+                             "--api_key", "sk-live-test"], str(tmp_path / "home"))
+        assert code == 0, err[-2000:]
+        rows = _rows(40)
+        for row in rows[::10]:
+            row["model"] = "unknown-model"  # the server answers 404: 4 rows fail
+        bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+        code, out, err = _run(["--requests_filepath", bad, "--request_url", f"{server.url}/v1/chat/completions",
+                               "--api_key", "sk-live-test"], str(tmp_path / "home"))
+        assert code == 0 and "4 failed" in out, err[-2000:]
+        deadline = time.monotonic() + 60
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(3)  # a notification for the clean run, if one were (wrongly) sent, would be in by now
+    finally:
+        hook.shutdown()
+    assert len(received) == 1, received  # the run with failed rows, not the clean one
+    text = received[0]["text"]
+    assert "bad.jsonl ended (parallel-requests.run.finished): 4 of 40 rows failed" in text, text
+    assert "sk-live-test" not in json.dumps(received)

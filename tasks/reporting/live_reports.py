@@ -18,8 +18,9 @@ Usage:
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, List, Optional
 
 # Third-party imports
 from prefect.artifacts import acreate_markdown_artifact
@@ -28,27 +29,42 @@ from prefect.context import FlowRunContext
 # Local application imports
 from tasks.reporting.live_metrics import timeline_markdown, watch
 from tasks.reporting.metrics import RunProgress, progress_artifact
+from tasks.reporting.run_events import emit_limits_changed
 
 TIMELINE_KEY = "parallel-requests-timeline"
 # How often the timeline artifact may get a new version while the run goes.
 TIMELINE_SECONDS = 30.0
+# The fewest seconds between two limits-changed events, and the change that counts (5%).
+LIMIT_EVENT_SECONDS = 60.0
+LIMIT_CHANGE_SHARE = 0.05
 
 LOGGER = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
 async def live_reports(progress: RunProgress, source: str, line_seconds: Optional[float] = None,
-                       logger: Optional[logging.Logger] = None) -> AsyncIterator[None]:
-    """Keep the progress and timeline artifacts, and the progress lines, moving while the body runs."""
+                       logger: Optional[logging.Logger] = None, job_id: Optional[str] = None) -> AsyncIterator[None]:
+    """Keep the progress and timeline artifacts, and the progress lines, moving while the body runs; with
+    ``job_id``, emit ``parallel-requests.run.limits-changed`` when the limit in force changes (at most once a minute)."""
     watch(progress)
     in_flow = FlowRunContext.get() is not None
     log = logger or LOGGER
 
     async def keep_reporting() -> None:
         last_timeline = last_line = time.monotonic()
+        announced: Optional[List[Optional[float]]] = None
+        last_event = -math.inf
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
+            limits = list(progress.live.limits())
+            if announced is None or not any(announced):
+                announced = limits
+            elif job_id and _changed(announced, limits) and now - last_event >= LIMIT_EVENT_SECONDS:
+                emit_limits_changed(job_id, source, limits[0], limits[1], announced)
+                log.info("The limit in force changed: %s requests/min, %s tokens/min (was %s, %s)",
+                         *(_number(value) for value in limits + announced))
+                announced, last_event = limits, now
             if line_seconds and now - last_line >= line_seconds:
                 last_line = now
                 log.info("progress: %s", progress_text(progress))
@@ -104,6 +120,21 @@ def duration_text(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
+
+
+def _changed(before: List[Optional[float]], now: List[Optional[float]]) -> bool:
+    """True when a limit appeared, went, or moved by more than ``LIMIT_CHANGE_SHARE``."""
+    for old, new in zip(before, now):
+        if (old is None) != (new is None):
+            return True
+        if old is not None and new is not None and abs(new - old) > LIMIT_CHANGE_SHARE * max(old, 1e-9):
+            return True
+    return False
+
+
+def _number(value: Optional[float]) -> str:
+    """6,000 or none."""
+    return "none" if value is None else f"{value:,.0f}"
 
 
 def _limit(value: Optional[float]) -> str:
