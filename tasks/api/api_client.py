@@ -133,12 +133,13 @@ class ApiClient:
             The decided result. Never raises for network or HTTP errors.
         """
         headers = self._headers["/deployments" in url]
+        sent_at = time.monotonic()
         try:
             async with self.session.request(
                 method, url, data=payload, headers=headers, timeout=self._timeout, allow_redirects=False
             ) as response:
                 raw = await response.read()
-                return decide(response.status, raw, response.headers, self.api_key)
+                return decide(response.status, raw, response.headers, self.api_key, sent_at)
         except asyncio.TimeoutError:
             return ApiResult(Outcome.RETRY, error=f"timed out after {self.timeout_seconds:g} s", cause="timeout")
         except aiohttp.InvalidURL as error:
@@ -148,7 +149,8 @@ class ApiClient:
             return ApiResult(Outcome.RETRY, error=f"connection error: {text}", cause="connection")
 
 
-def decide(status: int, raw: bytes, headers: Mapping[str, str], api_key: Optional[str] = None) -> ApiResult:
+def decide(status: int, raw: bytes, headers: Mapping[str, str], api_key: Optional[str] = None,
+           sent_at: Optional[float] = None) -> ApiResult:
     """Turn one HTTP answer into an ``ApiResult``, with what its rate-limit headers say.
 
     Args:
@@ -156,12 +158,15 @@ def decide(status: int, raw: bytes, headers: Mapping[str, str], api_key: Optiona
         raw: the body's bytes.
         headers: the response headers (case-insensitive mapping).
         api_key: the key, removed from any error text.
+        sent_at: when the request went out (engine clock): the headers were made somewhere between
+            then and now, which the limit learning allows for.
 
     Returns:
         The decided result.
     """
     result = _decide_outcome(status, raw, headers, api_key)
-    result.limits = read_limits(headers, time.monotonic(), time.time())
+    now = time.monotonic()
+    result.limits = read_limits(headers, now, time.time(), latency=now - sent_at if sent_at is not None else 0.0)
     if result.error:
         result.error = redact(result.error, api_key)
     return result

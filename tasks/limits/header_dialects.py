@@ -35,6 +35,7 @@ Usage:
 """
 
 # Standard library imports
+import dataclasses
 import datetime
 import email.utils
 import re
@@ -86,6 +87,8 @@ class ServerLimits:
         dialect: which dialect they were in ("x-ratelimit", "anthropic", "ietf", "x-ratelimit-window").
         observed_at: when the answer arrived, on the engine's clock.
         requests, tokens, input_tokens, output_tokens: each dimension's reading, or None.
+        latency: seconds from sending the request to the answer: the server made these headers
+            somewhere in that span, so a reset placed from ``observed_at`` may be that much late.
     """
 
     dialect: str
@@ -94,6 +97,7 @@ class ServerLimits:
     tokens: Optional[LimitReading] = None
     input_tokens: Optional[LimitReading] = None
     output_tokens: Optional[LimitReading] = None
+    latency: float = 0.0
 
     def reading(self, dimension: str) -> Optional[LimitReading]:
         """The reading of ``dimension`` (one of ``DIMENSIONS``)."""
@@ -107,18 +111,20 @@ class ServerLimits:
         return max(0.0, reading.reset_at - self.observed_at)
 
 
-def read_limits(headers: Mapping[str, str], now: float, wall_now: float) -> Optional[ServerLimits]:
+def read_limits(headers: Mapping[str, str], now: float, wall_now: float,
+                latency: float = 0.0) -> Optional[ServerLimits]:
     """Read an answer's rate-limit headers in any dialect; None when it has none.
 
     Args:
         headers: the answer's headers (a case-insensitive mapping, or lower-case names).
         now: the engine's clock when the answer arrived (resets are placed on it).
         wall_now: the wall clock (``time.time()``) at the same moment, for dates and epoch times.
+        latency: seconds from sending the request to ``now``.
     """
     for reader in (_read_x_ratelimit, _read_anthropic, _read_ietf, _read_x_ratelimit_window):
         limits = reader(_Headers(headers), now, wall_now)
         if limits is not None:
-            return limits
+            return dataclasses.replace(limits, latency=max(0.0, latency)) if latency else limits
     return None
 
 

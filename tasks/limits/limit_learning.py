@@ -84,6 +84,7 @@ class _Seen:
     remaining: float
     reset_at: Optional[float]
     resolution: float
+    latency: float = 0.0  # the answer's round trip: its reset may be placed up to this much late
 
 
 @dataclass
@@ -114,8 +115,9 @@ class WindowLearner:
     _comeback_at: Optional[float] = None
     _window: Tuple[bool, Optional[float]] = (False, None)  # (up to date, the window derived)
 
-    def observe(self, reading: LimitReading, at: float) -> None:
-        """Take one answer's reading of this dimension, made at ``at`` (the engine's clock)."""
+    def observe(self, reading: LimitReading, at: float, latency: float = 0.0) -> None:
+        """Take one answer's reading of this dimension, made at ``at`` (the engine's clock), ``latency``
+        seconds after its request was sent."""
         if reading.limit is not None:
             self.limit = reading.limit
         if reading.window_seconds is not None:
@@ -124,7 +126,7 @@ class WindowLearner:
         self._window = (False, None)
         if reading.remaining is None:
             return
-        seen = _Seen(at, reading.limit, reading.remaining, reading.reset_at, reading.resolution)
+        seen = _Seen(at, reading.limit, reading.remaining, reading.reset_at, reading.resolution, latency)
         previous = self._history[-1] if self._history else None
         if previous is not None and seen.remaining > previous.remaining:
             if seen.reset_at is None:
@@ -136,8 +138,8 @@ class WindowLearner:
             # Pairs far enough apart for the reset's resolution to tell: a few per second at most.
             tolerance = 0.05 + seen.resolution
             earlier = next((anchor for anchor in reversed(self._anchors) if at - anchor.at >= 2 * tolerance), None)
-            if earlier is not None:
-                self._vote(earlier, seen, tolerance)
+            if earlier is not None:  # each reset may be placed up to its answer's round trip late
+                self._vote(earlier, seen, tolerance + max(earlier.latency, seen.latency))
             self._anchors.append(seen)
         if seen.reset_at is not None:
             reset = seen.reset_at - at
@@ -245,7 +247,8 @@ class WindowLearner:
         """The budget came back at once, about when the earlier answer said it would: a window passed."""
         limit = self.limit or self._most_remaining
         return (previous.reset_at is not None and seen.remaining - previous.remaining >= 0.5 * limit
-                and seen.at >= previous.reset_at - previous.resolution - 0.05 and seen.at - previous.at < 5.0)
+                and seen.at >= previous.reset_at - previous.resolution - previous.latency - 0.05
+                and seen.at - previous.at < 5.0)
 
     def _vote(self, previous: _Seen, seen: _Seen, tolerance: float) -> None:
         """Two answers within one budget period: did the reset's moment stay put (window) or move (continuous)?"""
@@ -410,7 +413,7 @@ class LaneLimits:
                     learner = self.learners.setdefault(dimension, WindowLearner())
                     learner.windowed_dialect = limits.dialect in WINDOWED_DIALECTS
                     learner.documented_window = DOCUMENTED_WINDOWS.get(limits.dialect)
-                    learner.observe(reading, limits.observed_at)
+                    learner.observe(reading, limits.observed_at, limits.latency)
                     if learner.is_budget and dimension not in self._budgets_told:
                         self._budgets_told.add(dimension)
                         LOGGER.warning("The server states a budget, not a rate (it does not pace this run; the run "

@@ -473,7 +473,8 @@ def limits_in_force(lanes: Dict[Tuple[str, str], Any]) -> Tuple[Optional[float],
         values = []
         for lane in list(lanes.values()):
             limits = getattr(lane, "limits", None) or getattr(getattr(lane, "buckets", None), "limits", None)
-            values.append(limits.in_force(scope) if limits is not None else None)
+            value = limits.in_force(scope) if limits is not None else None
+            values.append(value if value is not None and math.isfinite(value) else None)
         found.append(None if not values or any(value is None for value in values) else sum(values))
     return found[0], found[1]
 

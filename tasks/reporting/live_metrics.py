@@ -255,14 +255,15 @@ def timeline_markdown(live: LiveMetrics, title: str = "Timeline") -> str:
     """The timeline as a markdown table with a bar per interval (requests/min against the limit in force),
     then latency per model: what the Prefect UI shows in the timeline artifact."""
     rows = live.timeline_rows()[-TIMELINE_ROWS:]
-    peak = max([row["requests_per_minute"] for row in rows] + [row["limit_per_minute"] or 0 for row in rows] + [1.0])
+    peak = max([row["requests_per_minute"] for row in rows] + [1.0]
+               + [row["limit_per_minute"] for row in rows if row["limit_per_minute"] and math.isfinite(row["limit_per_minute"])])
     lines = [f"## {title}", "",
              f"Requests per minute in each interval of {rows[-1]['seconds'] if rows else live.interval_seconds:.0f} s "
-             "(the bar; `|` marks the limit in force), with 429s, retries, errors, tokens per minute and latency p90.",
+             "(the bar; ┃ marks the limit in force), with 429s, retries, errors, tokens per minute and latency p90.",
              "", "| time (UTC) | rate | requests/min | limit | 429s | retries | errors | tokens/min | p90 latency |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        lines.append(f"| {row['start']} | `{_bar(row['requests_per_minute'], row['limit_per_minute'], peak)}` "
+        lines.append(f"| {row['start']} | {_bar(row['requests_per_minute'], row['limit_per_minute'], peak)} "
                      f"| {row['requests_per_minute']:,.0f} | {_number(row['limit_per_minute'])} "
                      f"| {row['rate_limited_429']:,}{' ⚠' if row['rate_limited_429'] else ''} | {row['retries']:,} "
                      f"| {row['errors']:,} | {row['tokens_per_minute']:,.0f} | {_seconds(row['latency_p90_seconds'])} |")
@@ -299,12 +300,11 @@ def current() -> Optional[Any]:
 
 
 def _bar(rate: float, limit: Optional[float], peak: float) -> str:
-    """A bar of ``rate`` on a scale of ``peak``, with ``|`` at the limit."""
-    cells = int(round(BAR_WIDTH * rate / peak))
-    bar = list("█" * cells + " " * (BAR_WIDTH - cells))
-    if limit:
-        mark = min(BAR_WIDTH - 1, int(round(BAR_WIDTH * limit / peak)) - 1)
-        bar[max(0, mark)] = "|" if bar[max(0, mark)] == " " else "┃"
+    """A bar of ``rate`` on a scale of ``peak`` (█ filled, ░ empty), with ┃ at the limit."""
+    cells = int(round(BAR_WIDTH * rate / peak)) if peak > 0 else 0
+    bar = list("█" * cells + "░" * (BAR_WIDTH - cells))
+    if limit and math.isfinite(limit) and peak > 0:
+        bar[max(0, min(BAR_WIDTH - 1, int(round(BAR_WIDTH * limit / peak)) - 1))] = "┃"
     return "".join(bar)
 
 

@@ -85,9 +85,13 @@ async def live_reports(progress: RunProgress, source: str, line_seconds: Optiona
 
 async def publish_timeline(progress: RunProgress, source: str) -> None:
     """Publish the timeline artifact now (inside a flow run only; nothing when no request was sent)."""
-    if FlowRunContext.get() is not None and progress.live.intervals:
+    if FlowRunContext.get() is None or not progress.live.intervals:
+        return
+    try:
         await acreate_markdown_artifact(key=TIMELINE_KEY, markdown=timeline_markdown(progress.live, f"Timeline of {source}"),
                                         description=f"Request rate, limit, 429s and latency over time for {source}")
+    except Exception as error:  # a view must never cost the run
+        LOGGER.warning("could not publish the timeline: %s", error)
 
 
 def progress_text(progress: RunProgress) -> str:
