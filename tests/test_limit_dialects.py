@@ -281,6 +281,35 @@ def _drive(limits: LaneLimits, server, seconds: float, send_rate: float, stated_
     return outcomes
 
 
+def _drive_with_latency(limits: LaneLimits, server, seconds: float, send_rate: float, stated_limit: float,
+                        seed: int = 7) -> None:
+    """As ``_drive``, but each answer arrives 50-350 ms after the server made its headers (random, seeded),
+    so answers arrive out of order and each reset is placed from the arrival, as the client sees it."""
+    draw = random.Random(seed)
+    arrivals = []
+    now = 0.0
+    while now < seconds:
+        accepted, remaining, reset = server.answer(now)
+        latency = 0.05 + 0.3 * draw.random()
+        arrivals.append((now + latency, latency, accepted, remaining, reset))
+        now += 1.0 / send_rate
+    for arrived, latency, accepted, remaining, reset in sorted(arrivals):
+        reading = LimitReading(stated_limit, remaining, arrived + reset)
+        limits.observe(ServerLimits("x-ratelimit", arrived, requests=reading, latency=latency), arrived,
+                       rate_limited=not accepted)
+
+
+@pytest.mark.parametrize("server, kind", [(FixedWindowServer(20, 2.0), "window"),
+                                          (RefillingServer(600, 60.0), "continuous")], ids=["window", "continuous"])
+def test_answers_out_of_order_behind_jittered_latency_still_tell_the_limit(server, kind: str) -> None:
+    limits = LaneLimits({"requests": None, "tokens": None})
+    _drive_with_latency(limits, server, 40.0, 9.0, server.limit)
+    # A bucket's reset moves by less than the answers' jitter between two answers: it may stay "unknown",
+    # and its refill rate still gives the limit.
+    assert _learner(limits).kind in ((kind,) if kind == "window" else (kind, "unknown"))
+    assert limits.per_minute("requests") == pytest.approx(600.0, rel=0.05)
+
+
 def _learner(limits: LaneLimits) -> WindowLearner:
     return limits.learners["requests"]
 
