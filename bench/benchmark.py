@@ -5,7 +5,8 @@ own process on 127.0.0.1 so that it has a core of its own:
 
     1. No limits. A bare aiohttp client (one shared session, 200 requests in flight) sends N
        embeddings requests; then the flow sends the same file with no limits and 200 in
-       flight. Both rates are measured at the server, from the first request to the last.
+       flight (``--progress off``); then the flow again with its live status block drawn in a
+       pseudo-terminal (``--progress bar``), whose cost is reported as a share of the rate. Both rates are measured at the server, from the first request to the last.
        The two alternate for ``--rounds`` rounds (3 by default), because this machine's speed
        drifts by tens of percent from minute to minute. Reported: each round's rates and ratio,
        the medians, the ratio of the medians, and the flow's start-up time (process start to
@@ -34,13 +35,18 @@ Pitfalls:
 # Standard library imports
 import argparse
 import asyncio
+import fcntl
 import json
 import os
+import pty
 import random
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
+import threading
 import time
 import urllib.request
 from typing import Any, Dict, List, Optional
@@ -63,19 +69,28 @@ async def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         startups: List[float] = []
         baseline_rates: List[float] = []
         baseline_startups: List[float] = []
+        display_rates: List[float] = []
         unlimited: Dict[str, Any] = {"requests": args.requests}
         with TestServer(work) as server:
             for round_number in range(1, args.rounds + 1):
                 await bare_aiohttp_client(f"{server.url}/v1/embeddings", source, concurrency=200)
                 bare_rates.append(server.stats_and_reset()["accepted_per_minute"] / 60.0)
                 flow = run_flow_cli(source, f"{server.url}/v1/embeddings", work, ["--max_requests_per_minute", "inf",
-                                    "--max_tokens_per_minute", "inf", "--max_in_flight", "200"])
+                                    "--max_tokens_per_minute", "inf", "--max_in_flight", "200", "--progress", "off"])
                 flow_stats = server.stats_and_reset()
                 flow_rates.append(flow_stats["accepted_per_minute"] / 60.0)
                 startups.append(flow_stats["first_arrival"] - flow["started_at"])
+                # The same run with the live status block drawn, in a pseudo-terminal.
+                shown = run_flow_cli(source, f"{server.url}/v1/embeddings", work, ["--max_requests_per_minute", "inf",
+                                     "--max_tokens_per_minute", "inf", "--max_in_flight", "200", "--progress", "bar"],
+                                     pseudo_terminal=True)
+                display_rates.append(server.stats_and_reset()["accepted_per_minute"] / 60.0)
                 unlimited[f"round_{round_number}"] = (f"bare {bare_rates[-1]:,.0f}/s, flow {flow_rates[-1]:,.0f}/s, "
                                                       f"ratio {flow_rates[-1] / bare_rates[-1]:.2f}, "
-                                                      f"exit {flow['exit_status']}")
+                                                      f"exit {flow['exit_status']}; with the live display in a "
+                                                      f"pseudo-terminal {display_rates[-1]:,.0f}/s "
+                                                      f"({shown['terminal_bytes']:,} bytes drawn), exit "
+                                                      f"{shown['exit_status']}")
                 if args.baseline_tree:  # the same flow from another commit, in the same round
                     baseline = run_flow_cli(source, f"{server.url}/v1/embeddings", work,
                                             ["--max_requests_per_minute", "inf", "--max_tokens_per_minute", "inf",
@@ -91,6 +106,8 @@ async def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
             ratio_of_medians_flow_to_bare=statistics.median(flow_rates) / statistics.median(bare_rates),
             flow_startup_to_first_request_seconds_median=statistics.median(startups),
             flow_startup_to_first_request_seconds_max=max(startups),
+            flow_with_live_display_requests_per_second_median=statistics.median(display_rates),
+            live_display_cost_share=1.0 - statistics.median(display_rates) / statistics.median(flow_rates),
         )
         if baseline_rates:
             unlimited.update(
@@ -204,12 +221,16 @@ async def bare_aiohttp_client(url: str, source: str, concurrency: int) -> float:
 
 
 def run_flow_cli(source: str, url: str, work: str, extra: List[str], measure_memory: bool = False,
-                 tree: Optional[str] = None) -> Dict[str, Any]:
+                 tree: Optional[str] = None, pseudo_terminal: bool = False) -> Dict[str, Any]:
     """Run the flow's command line as its own process (Prefect's embedded API included).
 
     Args:
         tree: run the code of this source tree instead (a checkout of another commit, the baseline).
+        pseudo_terminal: give it a pseudo-terminal (120 x 40) as stdout and stderr, read as a terminal
+            would, so its live display is drawn.
     """
+    if pseudo_terminal:
+        return _run_in_pseudo_terminal(source, url, work, extra)
     # A fresh output each time: the same input and output again would be a finished job, and send nothing.
     save = source.replace(".jsonl", f"_results_{time.monotonic_ns()}.jsonl")
     arguments = ["--requests_filepath", source, "--save_filepath", save, "--request_url", url, *extra,
@@ -233,6 +254,40 @@ def run_flow_cli(source: str, url: str, work: str, extra: List[str], measure_mem
         if line.startswith("PEAK_RSS_KB"):
             outcome["peak_rss_mb"] = int(line.split()[1]) / 1024.0
     return outcome
+
+
+def _run_in_pseudo_terminal(source: str, url: str, work: str, extra: List[str]) -> Dict[str, Any]:
+    """``run_flow_cli`` in a pseudo-terminal: what a user at a terminal runs."""
+    save = source.replace(".jsonl", f"_results_{time.monotonic_ns()}.jsonl")
+    arguments = ["--requests_filepath", source, "--save_filepath", save, "--request_url", url, *extra,
+                 "--logging_level", "WARNING"]
+    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=os.path.join(work, "prefect-home"),
+               TERM="xterm-256color", COLUMNS="120", LINES="40")
+    env.pop("PREFECT_API_URL", None)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    drawn = [0]
+
+    def drain() -> None:  # a terminal reads everything it is sent
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            drawn[0] += len(chunk)
+
+    started_at = time.monotonic()
+    process = subprocess.Popen([CLI, *arguments], cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave,
+                               start_new_session=True)
+    os.close(slave)
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    status = process.wait(timeout=1800)
+    reader.join(timeout=10)
+    os.close(master)
+    return {"exit_status": status, "started_at": started_at, "terminal_bytes": drawn[0]}
 
 
 class TestServer:

@@ -20,6 +20,10 @@ server says. ``--logging_level`` takes a number (20) or a name (INFO).
 Batch mode (``--mode batch``) sends the job through the OpenAI Batch API instead: see
 ``tasks.batch.batch_runner``. ``--batch-submit-only`` submits and exits; the same command later collects.
 
+Progress goes to stderr: on a terminal a live status block (``tasks.reporting.live_display``), else a
+progress line every ``--progress-seconds`` (``--progress auto|bar|lines|off``). stdout carries only
+the final summary, or with ``--json`` the summary as one JSON object.
+
 Exit status: 0 when every row has its result line (failed rows are counted in the summary), or
 when ``--batch-submit-only`` left batches running; 130 after Ctrl-C (finished rows kept);
 1 with a one-line reason when the run stopped early, when another run of the same job holds its
@@ -68,7 +72,8 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         validate_settings(args.max_requests_per_minute, args.max_tokens_per_minute, args.max_attempts,
                           args.max_in_flight, args.shards, args.burst_seconds, args.target_utilization,
                           args.limiter, args.shard_deployment, args.dask_cluster,
-                          uris=job_paths(args.requests_filepath, args.save_filepath, args.work_dir))
+                          uris=job_paths(args.requests_filepath, args.save_filepath, args.work_dir),
+                          request_url=args.request_url)
         check_batch_settings(args.mode, args.batch_fallback, args.batch_queue_tokens, args.batch_max_requests,
                              args.budget_usd, args.shard_deployment, args.dask_cluster)
         batch_flags = [flag for flag, given in (
@@ -77,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
             ("--batch-queue-tokens", args.batch_queue_tokens is not None),
             ("--batch-max-requests", args.batch_max_requests != MAX_BATCH_REQUESTS)) if given]
         if batch_flags and args.mode != "batch":
-            raise ValueError(f"{', '.join(batch_flags)} only work with --mode batch")
+            raise ValueError(f"{', '.join(batch_flags)} only work{'s' if len(batch_flags) == 1 else ''} with --mode batch")
         _check_input(args.requests_filepath)
         if args.api_key_from_flag and (args.shard_deployment or (args.dask_cluster or "").startswith("tcp://")):
             raise ValueError("--api_key cannot reach child runs or remote Dask workers; set OPENAI_API_KEY in "

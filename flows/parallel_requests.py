@@ -224,7 +224,8 @@ async def parallel_requests(
     save_filepath = save_filepath or default_save_path(requests_filepath)
     validate_settings(max_requests_per_minute, max_tokens_per_minute, max_attempts, max_in_flight, shards,
                       burst_seconds, target_utilization, limiter, shard_deployment, dask_cluster,
-                      uris=(requests_filepath, save_filepath, work_dir or default_work_dir(save_filepath)))
+                      uris=(requests_filepath, save_filepath, work_dir or default_work_dir(save_filepath)),
+                      request_url=request_url)
     check_batch_settings(mode, batch_fallback, batch_queue_tokens, batch_max_requests, budget_usd, shard_deployment,
                          dask_cluster)
     try:

@@ -270,6 +270,11 @@ def test_rows_the_batch_api_cannot_take_get_their_error_and_the_others_are_answe
                      "body": {"model": "text-embedding-3-small", "input": ["a"] * 50_001}})
     lines.insert(12, {"custom_id": 17, "method": "POST", "url": "/v1/chat/completions",
                       "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}})
+    for number, model in enumerate((None, "", "absent")):  # one file per model: these would share a refused one
+        body: Dict[str, Any] = {"messages": [{"role": "user", "content": "no model"}]}
+        if model != "absent":
+            body["model"] = model
+        lines.append({"custom_id": f"nomodel-{number}", "method": "POST", "url": "/v1/chat/completions", "body": body})
     with open(source, "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(line) + "\n" for line in lines)
     save = str(tmp_path / "out.jsonl")
@@ -281,6 +286,8 @@ def test_rows_the_batch_api_cannot_take_get_their_error_and_the_others_are_answe
     assert "in.jsonl line 6" in results['"image-1"']["error"]["message"]
     assert "50,001 embedding inputs" in results['"embed-huge"']["error"]["message"]
     assert "custom_id" in results["17"]["error"]["message"]  # a number as custom_id is kept in its error line
+    for number in range(3):
+        assert "needs a \"model\"" in results[f'"nomodel-{number}"']["error"]["message"]
     for i in range(20):
         assert results[f'"chat-{i}"']["response"]["status_code"] == 200
     assert server.stats()["batches"]["created"] == 1
@@ -310,4 +317,30 @@ def test_batch_flags_without_batch_mode_are_refused(tmp_path) -> None:
     _word_rows(source, 3)
     for flags in (["--batch-submit-only"], ["--batch-queue-tokens", "1000"], ["--batch-fallback", "online"]):
         code, _, err = _run(["--requests_filepath", source, *flags], str(tmp_path / "home"))
-        assert code == 2 and "only work with --mode batch" in err and flags[0] in err, err[-2000:]
+        assert code == 2 and "only works with --mode batch" in err and flags[0] in err, err[-2000:]
+
+
+def test_a_create_whose_answer_is_lost_is_found_by_its_token_and_never_made_twice(api_server, tmp_path) -> None:
+    # The server makes the first two batches but answers 502: a blind retry would pay for them twice.
+    server = api_server(batch_rows_per_second=500, batch_create_lost_answers=2)
+    source = str(tmp_path / "in.jsonl")
+    rows = _mixed_job(source, 200)
+    save = str(tmp_path / "out.jsonl")
+    code, out, err = _run(_arguments(server, source, save), str(tmp_path / "home"))
+    assert code == 0, err[-3000:]
+    _check_every_row(rows, save)
+    stats = server.stats()
+    assert stats["batches"]["created"] == 3 and stats["batches"]["duplicate_metadata"] == 0, stats["batches"]
+    assert stats["bodies_answered_more_than_once"] == 0
+    assert err.count("was made after all") == 2
+
+
+def test_a_request_url_carrying_credentials_is_refused_before_anything_runs(tmp_path) -> None:
+    source = str(tmp_path / "in.jsonl")
+    _word_rows(source, 3)
+    for url in ("http://user:USERSECRET@127.0.0.1:9/v1/chat/completions",
+                "http://127.0.0.1:9/v1/chat/completions?api-key=QUERYSECRET"):
+        code, out, err = _run(["--requests_filepath", source, "--request_url", url], str(tmp_path / "home"))
+        assert code == 2 and "must not carry credentials" in err, err[-2000:]
+        assert "SECRET" not in out + err
+    assert not os.path.exists(str(tmp_path / "in_results.jsonl.work"))

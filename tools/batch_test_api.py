@@ -226,6 +226,8 @@ class BatchTestApi:
         if metadata:
             self.metadata_seen[json.dumps(metadata, sort_keys=True)] += 1
         self._validate(batch, stored)
+        if self.stats["created"] <= self.config.batch_create_lost_answers:  # made, but the answer is lost
+            return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>", content_type="text/html")
         return web.json_response(batch.as_object())
 
     async def retrieve(self, request: web.Request) -> web.Response:

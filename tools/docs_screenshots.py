@@ -1,8 +1,8 @@
 """Take the README's screenshots of the Prefect UI: a run's page, its timeline and summary, the run form.
 
-It starts a real ``prefect server start`` (UI on) in a temporary home, the test API server speaking
-a 2-second window of 20 requests with OpenAI's headers (so the run learns the limit from 429s and
-headers, and the timeline has something to show), deploys ``prefect.yaml`` to a process work pool,
+It starts a real ``prefect server start`` (UI on) in a temporary home, the test API server limiting
+600 requests a minute in 1-second slices with no rate-limit headers at all (so the run finds the
+limit from its 429s, and the timeline shows the rate climbing, the 429s and the limit found), deploys ``prefect.yaml`` to a process work pool,
 runs one job from the command line against that API, then has headless Chromium screenshot the
 pages into ``docs/``. Needs Debian's Chromium (``apt-get install -y chromium``).
 
@@ -53,8 +53,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         processes.append(subprocess.Popen([f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port",
                                            str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         processes.append(subprocess.Popen([sys.executable, "-m", "tools.openai_test_server", "--port", str(api_port),
-                                           "--dialect", "window", "--rpm", "600",
-                                           "--slice-seconds", "2", "--latency", "0.05", "--latency-jitter", "0.3"],
+                                           "--dialect", "none", "--rpm", "600",
+                                           "--slice-seconds", "1", "--latency", "0.05", "--latency-jitter", "0.3"],
                                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_for(f"http://127.0.0.1:{port}/api/health", 120)
         _wait_for(f"http://127.0.0.1:{api_port}/_stats", 30)
@@ -97,7 +97,7 @@ async def _pages(ui: str) -> Dict[str, str]:
         run = (await client.read_flow_runs(limit=1))[0]
         artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
         deployment = await client.read_deployment_by_name("parallel-requests/adhoc")
-    by_key = {artifact.key: artifact.id for artifact in artifacts}
+    by_key = {artifact.key: artifact.id for artifact in sorted(artifacts, key=lambda artifact: artifact.created)}  # the latest version
     return {"flow-run": f"{ui}/runs/flow-run/{run.id}",
             "timeline-artifact": f"{ui}/artifacts/artifact/{by_key['parallel-requests-timeline']}",
             "summary-artifact": f"{ui}/artifacts/artifact/{by_key['parallel-requests-summary']}",

@@ -89,6 +89,7 @@ class ServerConfig:
         batch_expire_fraction: a batch expires once this share of its rows is done (None: never).
         batch_expire_count: only the first N batches expire (None: all of them).
         batch_queue_tokens: the cap on one model's enqueued input tokens (None: no cap).
+        batch_create_lost_answers: the first N batch creations are made, but answered 502 (the answer lost).
     """
 
     requests_per_minute: Optional[float] = None
@@ -110,6 +111,7 @@ class ServerConfig:
     batch_expire_fraction: Optional[float] = None
     batch_expire_count: Optional[int] = None
     batch_queue_tokens: Optional[int] = None
+    batch_create_lost_answers: int = 0
 
 
 DIALECTS = ("openai", "window", "azure", "groq", "anthropic", "ietf", "ietf-legacy", "x-ratelimit-window", "none")
@@ -588,6 +590,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--batch-expire-count", type=int, default=None, help="only the first N batches expire")
     parser.add_argument("--batch-queue-tokens", type=int, default=None,
                         help="cap on one model's enqueued batch input tokens (default: none)")
+    parser.add_argument("--batch-create-lost-answers", type=int, default=0,
+                        help="the first N batch creations are made but answered 502, as if the answer was lost")
     parser.add_argument("--port-file", default=None, help="write the chosen port to this file once listening")
     return parser.parse_args()
 
@@ -601,7 +605,8 @@ async def serve_forever(args: argparse.Namespace) -> None:
                           dialect=args.dialect, daily_requests=args.daily_requests,
                           batch_rows_per_second=args.batch_rows_per_second, batch_row_fault_rate=args.batch_row_fault_rate,
                           batch_expire_fraction=args.batch_expire_fraction, batch_expire_count=args.batch_expire_count,
-                          batch_queue_tokens=args.batch_queue_tokens)
+                          batch_queue_tokens=args.batch_queue_tokens,
+                          batch_create_lost_answers=args.batch_create_lost_answers)
     app, _ = build_application(config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

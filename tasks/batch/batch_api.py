@@ -52,9 +52,14 @@ class BatchApiError(RuntimeError):
         self.code = code
 
     @property
+    def transient(self) -> bool:
+        """True when another try may work: no answer, or a 5xx, 408, 409 or 429."""
+        return self.status is None or self.status in TRANSIENT_STATUSES
+
+    @property
     def stops_the_run(self) -> bool:
         """True for a wrong key, no access or no quota: nothing will work until the user acts."""
-        return self.status in (401, 403) or self.code == "insufficient_quota"
+        return self.status in (401, 403) or self.code in ("insufficient_quota", "no_batch_id")
 
 
 class BatchApi:
@@ -85,10 +90,18 @@ class BatchApi:
         return str(answer["id"])
 
     async def create(self, input_file_id: str, endpoint: str, metadata: Dict[str, str]) -> Dict[str, Any]:
-        """Start a batch over an uploaded file (completion window 24h); return the batch object."""
-        return await self._call("POST", "/v1/batches", json_body={
+        """Start a batch over an uploaded file (completion window 24h); return the batch object.
+
+        Tried once: a create whose answer was lost (a 5xx, a reset, a timeout) may have made the batch,
+        so the caller looks for it by its creation token before creating again (``BatchApiError.transient``).
+        """
+        batch = await self._call("POST", "/v1/batches", json_body={
             "input_file_id": input_file_id, "endpoint": endpoint, "completion_window": "24h", "metadata": metadata},
-            what=f"creating a batch of {input_file_id}")
+            what=f"creating a batch of {input_file_id}", attempts=1)
+        if not isinstance(batch.get("id"), str) or not batch["id"]:
+            raise BatchApiError(f"creating a batch of {input_file_id}: the answer holds no batch id (does this server "
+                                "have the Batch API?)", 200, "no_batch_id")
+        return batch
 
     async def retrieve(self, batch_id: str) -> Dict[str, Any]:
         """The batch object now."""
@@ -145,9 +158,9 @@ class BatchApi:
                 raise
 
     async def _call(self, method: str, path: str, what: str, json_body: Optional[Dict[str, Any]] = None,
-                    form: Any = None) -> Dict[str, Any]:
-        """One JSON call, tried again on transient failures."""
-        for attempt in range(1, CALL_ATTEMPTS + 1):
+                    form: Any = None, attempts: int = CALL_ATTEMPTS) -> Dict[str, Any]:
+        """One JSON call, tried again on transient failures (up to ``attempts`` tries)."""
+        for attempt in range(1, attempts + 1):
             try:
                 data = await form() if form is not None else None
                 async with self.session.request(method, self.url(path), headers=self.headers, json=json_body, data=data,
@@ -163,17 +176,18 @@ class BatchApi:
                             return answer
                         raise BatchApiError(f"{what}: HTTP {response.status} with a body that is not a JSON object",
                                             response.status)
-                    self._raise_unless_transient(response.status, raw, what, attempt)
+                    self._raise_unless_transient(response.status, raw, what, attempt, attempts)
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-                if attempt == CALL_ATTEMPTS:
+                if attempt == attempts:
                     raise BatchApiError(self._redact(f"{what}: {type(error).__name__}: {error}")) from None
             await asyncio.sleep(backoff_seconds(attempt, 1.0))
-        raise BatchApiError(f"{what}: no answer after {CALL_ATTEMPTS} tries")
+        raise BatchApiError(f"{what}: no answer after {attempts} tries")
 
-    def _raise_unless_transient(self, status: int, raw: bytes, what: str, attempt: int) -> None:
+    def _raise_unless_transient(self, status: int, raw: bytes, what: str, attempt: int,
+                                attempts: int = CALL_ATTEMPTS) -> None:
         """Raise for an answer that another try will not change (or for the last try)."""
         code, message = _error_of(raw)
-        if status in TRANSIENT_STATUSES and code != "insufficient_quota" and attempt < CALL_ATTEMPTS:
+        if status in TRANSIENT_STATUSES and code != "insufficient_quota" and attempt < attempts:
             return
         if 300 <= status < 400:
             message = "the server answered with a redirect, which is never followed (the key stays with the host)"

@@ -319,7 +319,9 @@ def _batch_problem(parsed: ParsedRequest, raw: bytes, limits: BatchFileLimits) -
     """The row's error when the Batch API cannot take it at all (its endpoint, or a file of it alone is too large)."""
     endpoint = endpoint_path(parsed.url)
     reason = None
-    if endpoint not in BATCH_ENDPOINTS:
+    if not isinstance(parsed.model, str) or not parsed.model.strip():
+        reason = "a batch request needs a \"model\" (each batch file holds the requests of one model)"
+    elif endpoint not in BATCH_ENDPOINTS:
         reason = f"the Batch API does not take {endpoint} (it takes {', '.join(BATCH_ENDPOINTS)}); run it with --mode online"
     elif endpoint.endswith("/embeddings") and _embedding_inputs(parsed.body) > limits.max_embedding_inputs:
         reason = (f"{_embedding_inputs(parsed.body):,} embedding inputs in one request; a batch file holds at most "

@@ -49,12 +49,14 @@ from prefect.context import FlowRunContext
 from prefect.utilities.annotations import quote
 
 # Local application imports
+from tasks.api.api_client import backoff_seconds
 from tasks.batch.batch_api import BatchApi, BatchApiError
 from tasks.batch.batch_files import BatchFileLimits, plan_batch_files, write_retry_files
 from tasks.batch.batch_ledger import LEDGER, TERMINAL_STATUSES, BatchFile, BatchLedger
 from tasks.batch.batch_results import collect_batch_results
 from tasks.job.crash_points import kill_point
 from tasks.reporting.metrics import RunProgress, StatusTracker
+from tasks.requests import fast_json
 from tasks.requests.pricing import PriceTable
 from tasks.requests.request_formats import RequestShape
 from tasks.requests.token_estimation import TokenEstimator
@@ -79,6 +81,10 @@ MAX_REFUSALS = 4
 MAX_TASK_FAILURES = 3
 # How many batches the search for a lost creation reads, at most.
 SEARCH_LIMIT = 2000
+# How many times a batch's result files are downloaded when they come short (a cut-off transfer).
+DOWNLOAD_ATTEMPTS = 3
+# How many times one batch's create is tried when its answer is lost (the batch looked for before each new try).
+CREATE_ATTEMPTS = 4
 # Answers to a batch's creation that refuse that file (its rows get the error) rather than stop the run.
 REFUSED_FILE_STATUSES = (400, 413, 422)
 
@@ -189,6 +195,14 @@ class BatchRun:
         running = sum(int(entry.counts.get("completed", 0)) + int(entry.counts.get("failed", 0))
                       for entry in self.ledger.files if entry.state == "submitted")
         self.progress.done_bytes = self.rows_settled_before + self.settled_now() + running
+        self.progress.rows_settled = self.settled_now()
+        by_status: Dict[str, int] = {}
+        for entry in self.ledger.files:
+            if entry.state != "collected":
+                status = entry.status or ("waiting to be submitted" if entry.state in ("planned", "uploaded") else entry.state)
+                by_status[status] = by_status.get(status, 0) + 1
+        self.progress.note = "batches: " + (", ".join(f"{count} {status}" for status, count in sorted(by_status.items()))
+                                            or "all collected") + f"; {running:,} rows done in running batches"
 
     def settled_now(self) -> int:
         """Rows settled by this run."""
@@ -267,8 +281,21 @@ async def run_batches(job: ShardJob, settings: BatchSettings, shards: Sequence[S
 
 async def _drive(run: BatchRun, logger: Any, lost_lock: Optional[threading.Event]) -> None:
     """Submit what fits, await every submitted batch as a task, and go on until nothing is left to do."""
-    ledger, settings = run.ledger, run.settings
     running: Dict[str, "asyncio.Task[None]"] = {}
+    try:
+        await _drive_loop(run, logger, lost_lock, running)
+    finally:  # stopped early, or interrupted: the other batches keep running on the server
+        for job in running.values():
+            job.cancel()
+        for job in running.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await job
+
+
+async def _drive_loop(run: BatchRun, logger: Any, lost_lock: Optional[threading.Event],
+                      running: Dict[str, "asyncio.Task[None]"]) -> None:
+    """``_drive``'s loop; ``running`` holds the batches' tasks under way."""
+    ledger, settings = run.ledger, run.settings
     started_once: set = set()
     failures: Dict[str, int] = {}  # a batch's task failures in a row (the API unreachable, ...)
     while run.stop_reason is None:
@@ -302,11 +329,6 @@ async def _drive(run: BatchRun, logger: Any, lost_lock: Optional[threading.Event
                 continue
             run.stop_reason = run.stop_reason or (f"{name}: {type(error).__name__}: {error}; the batches keep running "
                                                   "on the server: run the same command again to collect them")
-    for job in running.values():  # stopped early: the other batches keep running on the server
-        job.cancel()
-    for job in running.values():
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await job
 
 
 @task(name="batch", cache_policy=NO_CACHE, task_run_name="{label}", retries=0)
@@ -352,9 +374,15 @@ async def _finish(run: BatchRun, entry: BatchFile, batch: Dict[str, Any]) -> Non
         entry.refusals += 1
         ledger.save()
         return
-    for kind, file_id in (("output", entry.output_file_id), ("errors", entry.error_file_id)):
-        if file_id:
-            await run.api.download(file_id, ledger.path_of(entry, kind))
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        for kind, file_id in (("output", entry.output_file_id), ("errors", entry.error_file_id)):
+            if file_id:
+                await run.api.download(file_id, ledger.path_of(entry, kind))
+        short = await asyncio.to_thread(_short_download, ledger, entry)
+        if short is None:
+            break
+        logger.warning("%s (batch %s): the result files downloaded %s; %s", entry.name, entry.batch_id, short,
+                       "downloading them again" if attempt < DOWNLOAD_ATTEMPTS else "the rows missing go again")
     kill_point("batch-downloaded")
     failure = None
     if entry.status == "failed":
@@ -380,7 +408,7 @@ async def _collect(run: BatchRun, entry: BatchFile, logger: Any, batch_errors: S
                                             run.prices, run.max_attempts, run.progress, run.errors, logger,
                                             batch_errors, failure, failure_final, already_done)
         kill_point("batch-collected")
-        if entry.status not in ("completed", "failed"):
+        if entry.status not in ("completed", "failed") or (collected.again and not entry.note):
             entry.note = f"{entry.status or 'ended'} with {collected.answered:,} of {entry.rows:,} rows settled"
             if collected.again:
                 logger.warning("%s (batch %s) %s; %d rows go %s", entry.name, entry.batch_id, entry.note,
@@ -423,6 +451,31 @@ def _forget_unknown_batch(run: BatchRun, entry: BatchFile) -> None:
     run.ledger.save()
 
 
+def _short_download(ledger: BatchLedger, entry: BatchFile) -> Optional[str]:
+    """What is wrong with a batch's downloaded result files (a line cut off, fewer lines than the batch
+    counted done), or None when they hold what the batch reported."""
+    whole = broken = 0
+    for kind in ("output", "errors"):
+        path = ledger.path_of(entry, kind)
+        if not os.path.exists(path):
+            continue
+        with open(path, "rb") as handle:
+            for raw in handle:
+                if not raw.strip():
+                    continue
+                try:
+                    fast_json.loads(raw)
+                    whole += 1
+                except ValueError:
+                    broken += 1
+    expected = int(entry.counts.get("completed", 0)) + int(entry.counts.get("failed", 0))
+    if broken:
+        return f"{broken} line(s) cut off or not JSON"
+    if whole < min(expected, entry.rows):
+        return f"{whole:,} lines where the batch counted {expected:,} requests done"
+    return None
+
+
 def _rows_done(parts: Dict[int, PartWriter]) -> set:
     """(shard, line index) of every row with its final record in the parts."""
     return {(shard, index) for shard, part in parts.items() for index in read_part_state(part.path).done}
@@ -456,7 +509,7 @@ async def _submit_ready(run: BatchRun, logger: Any) -> None:
         ledger.begin_creation(entry)
         kill_point("batch-creating")
         try:
-            batch = await run.api.create(entry.file_id or "", entry.endpoint, ledger.metadata(entry))
+            batch = await _create(run, entry, logger)
         except BatchApiError as error:
             if error.status not in REFUSED_FILE_STATUSES + (404,):
                 raise
@@ -498,28 +551,59 @@ async def _split(run: BatchRun, entry: BatchFile, logger: Any) -> None:
             await run.api.delete_file(entry.file_id)
 
 
-async def _find_lost_creations(run: BatchRun, logger: Any) -> None:
-    """Files recorded as ``creating``: find the batch a dead run created (by its token), or create again."""
+async def _create(run: BatchRun, entry: BatchFile, logger: Any) -> Dict[str, Any]:
+    """Create the batch of ``entry`` (recorded as ``creating``). A create whose answer was lost may have made
+    the batch: before each new try, the batch is looked for by the creation token, so it is never made twice."""
+    for attempt in range(1, CREATE_ATTEMPTS + 1):
+        try:
+            return await run.api.create(entry.file_id or "", entry.endpoint, run.ledger.metadata(entry))
+        except BatchApiError as error:
+            if not error.transient or attempt == CREATE_ATTEMPTS:
+                raise
+            logger.warning("%s: creating its batch got no clear answer (%s); looking for it before trying again",
+                           entry.name, error)
+        await asyncio.sleep(backoff_seconds(attempt, 1.0))
+        found = await _search_creations(run, {entry.creation or "": entry})
+        if found:
+            logger.info("%s: the batch was made after all (%s); it is not created again", entry.name, found[0]["id"])
+            return found[0]
+    raise AssertionError("unreachable")
+
+
+async def _search_creations(run: BatchRun, wanted: Dict[str, BatchFile]) -> List[Dict[str, Any]]:
+    """The server's batches of this job whose creation token is in ``wanted`` (newest first, a bounded search)."""
     ledger = run.ledger
-    lost = {entry.creation: entry for entry in ledger.files if entry.state == "creating"}
-    if not lost:
-        return
-    oldest = min(entry.created_at or 0.0 for entry in lost.values()) - 600
+    left = dict(wanted)
+    oldest = min(entry.created_at or 0.0 for entry in wanted.values()) - 600
+    found = []
     seen = 0
     async for batch in run.api.batches():
         seen += 1
         metadata = batch.get("metadata") or {}
-        entry = lost.pop(metadata.get("parallel_requests_creation"), None)
-        if entry is not None and metadata.get("parallel_requests_job") == ledger.job:
+        token = metadata.get("parallel_requests_creation")
+        if token in left and metadata.get("parallel_requests_job") == ledger.job and batch.get("id"):
+            left.pop(token)
+            found.append(batch)
+        if not left or seen >= SEARCH_LIMIT or (batch.get("created_at") or 0) < oldest:
+            break
+    return found
+
+
+async def _find_lost_creations(run: BatchRun, logger: Any) -> None:
+    """Files recorded as ``creating``: find the batch a dead run created (by its token), or create again."""
+    ledger = run.ledger
+    lost = {entry.creation: entry for entry in ledger.files if entry.state == "creating" and entry.creation}
+    if lost:
+        for batch in await _search_creations(run, lost):
+            entry = lost.pop(batch["metadata"]["parallel_requests_creation"])
             entry.batch_id, entry.state = str(batch["id"]), "submitted"
             _note_batch(entry, batch)
             ledger.save()
             logger.info("Found batch %s of %s, created by an interrupted run; it is not created again",
                         entry.batch_id, entry.name)
-        if not lost or seen >= SEARCH_LIMIT or (batch.get("created_at") or 0) < oldest:
-            break
-    for entry in lost.values():  # the create never reached the server
-        entry.state, entry.creation = "uploaded", None
+    for entry in ledger.files:  # the create never reached the server
+        if entry.state == "creating" and entry.batch_id is None:
+            entry.state, entry.creation = "uploaded", None
     ledger.save()
 
 

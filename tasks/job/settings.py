@@ -13,6 +13,7 @@ Usage:
 
 # Standard library imports
 import os
+import urllib.parse
 from typing import Optional, Sequence
 
 # Local application imports
@@ -48,16 +49,23 @@ def check_engine_settings(max_requests_per_minute: Optional[float], max_tokens_p
         raise ValueError(f"target_utilization must be above 0 and at most 1, got {target_utilization!r}")
 
 
+# Query parameters of a request URL that hold a secret (compared in lower case, "-" read as "_").
+SECRET_QUERY_NAMES = frozenset({"key", "api_key", "apikey", "token", "access_token", "secret", "password", "sig",
+                                "signature", "auth", "authorization"})
+
+
 def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_minute: Optional[float],
                       max_attempts: int, max_in_flight: int, shards: Optional[int], burst_seconds: float,
                       target_utilization: float = 0.98, limiter: Optional[str] = None,
                       shard_deployment: Optional[str] = None, dask_cluster: Optional[str] = None,
-                      uris: Sequence[str] = ()) -> None:
+                      uris: Sequence[str] = (), request_url: Optional[str] = None) -> None:
     """Reject settings the run cannot work with, before anything is sent.
 
     Args:
         uris: the input, output and work paths: checked for credentials written into them, and that
             none of them is another (the output must never overwrite the input).
+        request_url: checked for credentials written into it (a user:password, or a key in the query):
+            they would show in parameters, logs and the work folder.
 
     Raises:
         ValueError: naming the setting and the value (never a secret).
@@ -79,6 +87,12 @@ def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_m
         if "://" in uri and has_password(uri):
             raise ValueError(f"{uri.split('://', 1)[0]}:// paths must not carry credentials (they would show in "
                              "parameters and logs); use the standard AWS configuration or --aws-credentials-block")
+    if request_url:
+        parts = urllib.parse.urlsplit(request_url)
+        names = {name.lower().replace("-", "_") for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)}
+        if "@" in parts.netloc or names & SECRET_QUERY_NAMES:
+            raise ValueError("request_url must not carry credentials (a user:password or a key in its query would show "
+                             "in parameters and logs); put the key in OPENAI_API_KEY or a Secret block")
     paths = [comparable_path(uri) for uri in uris]
     if len(paths) >= 2 and paths[0] == paths[1]:
         raise ValueError(f"the output would overwrite the input {uris[0]}; choose another --save_filepath")

@@ -467,14 +467,20 @@ def limit_notes(lanes: Dict[Tuple[str, str], Lane]) -> List[str]:
 
 
 def limits_in_force(lanes: Dict[Tuple[str, str], Any]) -> Tuple[Optional[float], Optional[float]]:
-    """The requests-per-minute and tokens-per-minute limits in force, added over the lanes (None: no limit)."""
+    """The requests-per-minute and tokens-per-minute limits in force, added over the lanes (None: no limit).
+
+    Lanes whose limit is only the starting guess (stated nowhere, no 429 yet) count only when no lane
+    knows better: a model met four times must not add the Cookbook's 1,500 to a learned 600.
+    """
     found: List[Optional[float]] = []
     for scope in ("requests", "tokens"):
-        values = []
+        known, guessed = [], []
         for lane in list(lanes.values()):
             limits = getattr(lane, "limits", None) or getattr(getattr(lane, "buckets", None), "limits", None)
             value = limits.in_force(scope) if limits is not None else None
-            values.append(value if value is not None and math.isfinite(value) else None)
+            value = value if value is not None and math.isfinite(value) else None
+            (guessed if limits is not None and limits.source(scope).startswith("stated nowhere") else known).append(value)
+        values = known or guessed
         found.append(None if not values or any(value is None for value in values) else sum(values))
     return found[0], found[1]
 

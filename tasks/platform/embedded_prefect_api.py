@@ -184,7 +184,10 @@ def _launch(port: int) -> subprocess.Popen:
         "--host", "127.0.0.1", "--port", str(port),
         "--log-level", "error", "--lifespan", "on",
     ]
-    return subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL, preexec_fn=_stop_with_parent)
+    # A session of its own: Ctrl-C at the terminal interrupts the run, not the API it still reports to while it
+    # stops (the server ends with the run: ``_stop_with_parent``).
+    return subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL, preexec_fn=_stop_with_parent,
+                            start_new_session=True)
 
 
 def _stop_with_parent() -> None:

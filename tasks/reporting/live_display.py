@@ -74,6 +74,8 @@ class LiveDisplay:
                                              if limit_rpm else " (no limit)")
         tokens = f"{tpm:,.0f} tokens/min" + (f" of {limit_tpm:,.0f}" if limit_tpm else "")
         first = Text.assemble((rate, "cyan"), "   ", tokens, "   ", f"{live.in_flight:,} in flight")
+        if progress.note and not live.sent_total:  # batch mode: the server does the sending
+            first = Text(progress.note, style="cyan")
         second = Text.assemble((f"{live.rate_limited_total:,} 429s", "yellow" if live.rate_limited_total else ""),
                                f"   {live.retries_total:,} retries   ",
                                (f"{live.errors_total:,} failed", "red" if live.errors_total else ""),

@@ -62,8 +62,10 @@ async def live_reports(progress: RunProgress, source: str, line_seconds: Optiona
                 announced = limits
             elif job_id and _changed(announced, limits) and now - last_event >= LIMIT_EVENT_SECONDS:
                 emit_limits_changed(job_id, source, limits[0], limits[1], announced)
-                log.info("The limit in force changed: %s requests/min, %s tokens/min (was %s, %s)",
-                         *(_number(value) for value in limits + announced))
+                log.info("The limit in force changed: %s", "; ".join(
+                    f"{_number(now_value)} {scope}/min (was {_number(before)})"
+                    for scope, now_value, before in zip(("requests", "tokens"), limits, announced)
+                    if now_value != before))
                 announced, last_event = limits, now
             if line_seconds and now - last_line >= line_seconds:
                 last_line = now
@@ -101,6 +103,9 @@ def progress_text(progress: RunProgress) -> str:
     limit_rpm, limit_tpm = live.limits()
     elapsed = time.time() - live.started_at
     eta = eta_seconds(progress, elapsed)
+    if progress.note and not live.sent_total:  # batch mode: the server does the sending
+        return (f"{progress.rows_settled:,} rows settled, {progress.percent:.1f}% of the input; {progress.note}; "
+                f"elapsed {duration_text(elapsed)}, ETA {duration_text(eta) if eta is not None else '-'}")
     return (f"{progress.rows_settled:,} rows settled, {progress.percent:.1f}% of the input; "
             f"{rpm:,.0f} requests/min{_limit(limit_rpm)}, {tpm:,.0f} tokens/min{_limit(limit_tpm)}, "
             f"{live.in_flight:,} in flight, {live.rate_limited_total:,} 429s, {live.retries_total:,} retries, "

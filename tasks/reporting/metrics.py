@@ -177,6 +177,7 @@ class RunProgress:
     done_bytes: int = 0
     rows_settled: int = 0
     live: LiveMetrics = field(default_factory=LiveMetrics)
+    note: Optional[str] = None  # what the run waits on, in words, when it sends nothing itself (batch mode)
 
     def advance(self, line_bytes: int, rows: int = 0) -> None:
         """A line ``line_bytes`` long is finished (``rows``: 1 for a row this run settled, 0 for a blank
