@@ -23,7 +23,7 @@ demo: install
 	PYTHONPATH=. $(BIN)/python examples/run_demo.py
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: install
 	PYTHONPATH=. $(BIN)/python bench/benchmark.py

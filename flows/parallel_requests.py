@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import json
 import os
 import runpy
@@ -453,8 +454,10 @@ async def _run_batch_mode(logger: Any, job: ShardJob, batch: BatchSettings, shar
                           work: WorkLocation, progress: RunProgress, size: int, api_key: Optional[str],
                           transport_params: Optional[Dict[str, Any]], lock: JobLock) -> Any:
     """Batch mode: the batches, then (``fallback="online"``, once no batch runs) the rows they left, online."""
+    fingerprint = (work.manifest.get("current") or {}).get("input_fingerprint")
+    input_key = hashlib.sha256(f"{fingerprint}\n{job.request_url}".encode()).hexdigest()[:24] if fingerprint else ""
     result = await run_batches(job, batch, shard_specs, part_paths, work.generation_path, work.generation, progress,
-                               api_key, transport_params, lock.lost)
+                               api_key, transport_params, lock.lost, input_key)
     outcome = ShardOutcome(trackers=result.trackers, stop_reason=result.stop_reason,
                            error_examples=list(result.error_examples))
     left = sum(tracker.rows - tracker.rows_done for tracker in result.trackers)

@@ -344,3 +344,18 @@ def test_a_request_url_carrying_credentials_is_refused_before_anything_runs(tmp_
         assert code == 2 and "must not carry credentials" in err, err[-2000:]
         assert "SECRET" not in out + err
     assert not os.path.exists(str(tmp_path / "in_results.jsonl.work"))
+
+
+def test_the_same_input_from_another_work_folder_is_refused_while_its_batches_run(api_server, tmp_path) -> None:
+    server = api_server(batch_rows_per_second=4)  # the batches run 25 s: still running when the second run looks
+    source = str(tmp_path / "in.jsonl")
+    _mixed_job(source, 200)
+    save = str(tmp_path / "out.jsonl")
+    first = _arguments(server, source, save, "--batch-submit-only", "--work-dir", str(tmp_path / "work-a"))
+    code, out, err = _run(first, str(tmp_path / "home"))
+    assert code == 0 and "waiting for batches" in out, err[-3000:]
+    created = server.stats()["batches"]["created"]
+    second = _arguments(server, source, save, "--batch-submit-only")  # the default work folder: a new job
+    code, out, err = _run(second, str(tmp_path / "home"))
+    assert code == 1 and "from another work folder still run" in err, err[-3000:]
+    assert server.stats()["batches"]["created"] == created  # nothing submitted twice

@@ -60,13 +60,13 @@ async def test_deploy_all_then_an_adhoc_run_through_a_worker(prefect_server, api
     _prefect(env, "work-pool", "create", "local", "--type", "process")
     _prefect(env, "--no-prompt", "deploy", "--all")
     worker = subprocess.Popen([f"{BIN}/prefect", "worker", "start", "--pool", "local"], cwd=str(tmp_path),
-                              env=dict(env, OPENAI_API_KEY=KEY), start_new_session=True,
+                              env=dict(env, OPENAI_API_KEY=KEY, PREFECT_WORKER_QUERY_SECONDS="1"), start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _prefect(env, "deployment", "run", "parallel-requests/adhoc",
                  "--param", f"requests_filepath={source}",
                  "--param", f"request_url={server.url}/v1/embeddings",
-                 "--param", "max_requests_per_minute=6000", "--param", "shards=3", "--watch", timeout=240)
+                 "--param", "max_requests_per_minute=6000", "--param", "shards=3", "--watch", "--watch-interval", "1", timeout=240)
         # The hourly batch deployment, run twice as its schedule would: the first run submits and ends while
         # the batch runs (3 s on this server); the second collects it and submits nothing again.
         batch_server = api_server(api_key=KEY, batch_rows_per_second=20)
@@ -77,7 +77,7 @@ async def test_deploy_all_then_an_adhoc_run_through_a_worker(prefect_server, api
             _prefect(env, "deployment", "run", "parallel-requests/batch-hourly",
                      "--param", f"requests_filepath={batch_source}",
                      "--param", f"save_filepath={tmp_path / 'batch_results.jsonl'}",
-                     "--param", f"request_url={batch_server.url}/v1/chat/completions", "--watch", timeout=240)
+                     "--param", f"request_url={batch_server.url}/v1/chat/completions", "--watch", "--watch-interval", "1", timeout=240)
             batch_runs.append(batch_server.stats()["batches"])
             if len(batch_runs) == 1:
                 assert not os.path.exists(tmp_path / "batch_results.jsonl")
@@ -179,12 +179,16 @@ async def test_shards_as_child_runs_on_two_workers_share_one_redis_limit(prefect
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT)
                for n, log in zip((1, 2), logs)]
     try:
+        deadline = time.monotonic() + 90  # both workers poll before the run starts, so the child runs can spread
+        while not all("started" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline, [log.read_text()[-500:] for log in logs]
+            time.sleep(0.2)
         _prefect(env, "deployment", "run", "parallel-requests/adhoc",
                  "--param", f"requests_filepath={source}",
                  "--param", f"request_url={server.url}/v1/chat/completions",
                  "--param", "max_requests_per_minute=6000", "--param", "max_tokens_per_minute=10000000",
                  "--param", f"limiter={redis_url}", "--param", "shard_deployment=parallel-requests-shards/workers",
-                 "--param", f"work_dir={tmp_path / 'work'}", "--param", "shards=4", "--watch", timeout=300)
+                 "--param", f"work_dir={tmp_path / 'work'}", "--param", "shards=4", "--watch", "--watch-interval", "1", timeout=300)
     finally:
         for worker in workers:
             stop_group(worker)
@@ -281,12 +285,12 @@ async def test_on_a_postgres_backed_server_a_deployment_runs_through_a_worker(po
     _prefect(env, "work-pool", "create", "local", "--type", "process")
     _prefect(env, "--no-prompt", "deploy", "--all")
     worker = subprocess.Popen([f"{BIN}/prefect", "worker", "start", "--pool", "local"], cwd=str(tmp_path),
-                              env=dict(env, OPENAI_API_KEY=KEY), start_new_session=True,
+                              env=dict(env, OPENAI_API_KEY=KEY, PREFECT_WORKER_QUERY_SECONDS="1"), start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _prefect(env, "deployment", "run", "parallel-requests/adhoc", "--param", f"requests_filepath={source}",
                  "--param", f"request_url={server.url}/v1/chat/completions", "--param", "shards=2", "--watch",
-                 timeout=240)
+                 "--watch-interval", "1", timeout=240)
     finally:
         stop_group(worker)
     with temporary_settings(updates={PREFECT_API_URL: api_url}):

@@ -60,7 +60,7 @@ def test_usage_of_a_responses_answer_is_read_from_input_and_output_tokens() -> N
 def test_responses_requests_online_at_6000_rpm_complete_estimated_and_priced(api_server, tmp_path) -> None:
     server = api_server(requests_per_minute=6000, slice_seconds=1.0, api_key=KEY, latency_seconds=0.02,
                         latency_jitter_seconds=0.03, seed=3)
-    rows = _responses_rows(1200)
+    rows = _responses_rows(600)
     source = write_jsonl(tmp_path / "responses.jsonl", rows)
     save = str(tmp_path / "results.jsonl")
     prices = tmp_path / "prices.json"  # large prices, so the printed cost has digits enough to compare

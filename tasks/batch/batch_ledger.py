@@ -109,6 +109,8 @@ class BatchLedger:
         next_number: the number of the next batch file.
         learned_queue_tokens: per model, the enqueued tokens known to be accepted (learned from a refusal).
         online_rows: rows left by batches for the online engine (``--batch-fallback online``).
+        input_key: a digest of the input and the request URL, in every batch's metadata, so another work
+            folder's run of the same input can see these batches on the server.
     """
 
     folder: str
@@ -118,6 +120,7 @@ class BatchLedger:
     next_number: int = 1
     learned_queue_tokens: Dict[str, int] = field(default_factory=dict)
     online_rows: int = 0
+    input_key: str = ""
 
     @classmethod
     def load(cls, folder: str, job: str) -> "BatchLedger":
@@ -132,14 +135,14 @@ class BatchLedger:
             raise ValueError(f"{path}: a batch ledger of another format ({data.get('format')!r})")
         return cls(folder, data["job"], bool(data.get("planned")), [BatchFile(**entry) for entry in data["files"]],
                    int(data.get("next_number", 1)), {k: int(v) for k, v in (data.get("learned_queue_tokens") or {}).items()},
-                   int(data.get("online_rows") or 0))
+                   int(data.get("online_rows") or 0), str(data.get("input_key") or ""))
 
     def save(self) -> None:
         """Write the ledger atomically: a temporary file, fsync, rename."""
         path = os.path.join(self.folder, LEDGER)
         temporary = f"{path}.tmp-{os.getpid()}"
         data = {"format": LEDGER_FORMAT, "job": self.job, "planned": self.planned, "next_number": self.next_number,
-                "learned_queue_tokens": self.learned_queue_tokens, "online_rows": self.online_rows, "files": [asdict(entry) for entry in self.files]}
+                "learned_queue_tokens": self.learned_queue_tokens, "online_rows": self.online_rows, "input_key": self.input_key, "files": [asdict(entry) for entry in self.files]}
         with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=1)
             handle.flush()
@@ -161,7 +164,7 @@ class BatchLedger:
     def metadata(self, entry: BatchFile) -> Dict[str, str]:
         """The metadata of the batch of ``entry``: the job, the file, and this creation's token."""
         return {"parallel_requests_job": self.job, "parallel_requests_file": entry.name,
-                "parallel_requests_creation": entry.creation or ""}
+                "parallel_requests_creation": entry.creation or "", "parallel_requests_input": self.input_key}
 
     def begin_creation(self, entry: BatchFile) -> None:
         """Record, before the call, that a batch of ``entry`` is being created (and under which token)."""

@@ -212,7 +212,7 @@ class BatchRun:
 async def run_batches(job: ShardJob, settings: BatchSettings, shards: Sequence[ShardSpec], part_paths: Sequence[str],
                       generation_path: str, generation: str, progress: RunProgress, api_key: Optional[str],
                       transport_params: Optional[Dict[str, Any]] = None,
-                      lost_lock: Optional[threading.Event] = None) -> BatchOutcome:
+                      lost_lock: Optional[threading.Event] = None, input_key: str = "") -> BatchOutcome:
     """Run (or resume) a job through the Batch API.
 
     Args:
@@ -225,9 +225,12 @@ async def run_batches(job: ShardJob, settings: BatchSettings, shards: Sequence[S
         api_key: the key.
         transport_params: smart-open's transport parameters for the input.
         lost_lock: set when another run took the job's lock: this run stops at once.
+        input_key: a digest of the input and request URL (batch metadata), to find another work folder's
+            batches of the same input before submitting it again.
     """
     logger = get_run_logger()
     ledger = BatchLedger.load(generation_path, generation)
+    ledger.input_key = ledger.input_key or input_key
     shape = RequestShape(job.shape)
     prices = PriceTable.load(job.price_table)
     limits = BatchFileLimits(max_requests=settings.max_requests,
@@ -253,8 +256,11 @@ async def run_batches(job: ShardJob, settings: BatchSettings, shards: Sequence[S
                            parts, trackers, progress, ErrorExamples(), limits, before)
             run.update_progress()
             try:
-                await _find_lost_creations(run, logger)
-                await _drive(run, logger, lost_lock)
+                if input_key and all(entry.state == "planned" for entry in ledger.files):
+                    run.stop_reason = await _other_jobs_batches(run, logger)
+                if run.stop_reason is None:
+                    await _find_lost_creations(run, logger)
+                    await _drive(run, logger, lost_lock)
             except asyncio.CancelledError:
                 if settings.cancel_on_interrupt:
                     await asyncio.shield(_cancel_live(run, logger))
@@ -587,6 +593,35 @@ async def _search_creations(run: BatchRun, wanted: Dict[str, BatchFile]) -> List
         if not left or seen >= SEARCH_LIMIT or (batch.get("created_at") or 0) < oldest:
             break
     return found
+
+
+async def _other_jobs_batches(run: BatchRun, logger: Any) -> Optional[str]:
+    """Why this job must not submit yet: batches of the same input, from another work folder's run, still run
+    on the server (their rows would be paid twice); None when there are none (or the server cannot list)."""
+    ledger = run.ledger
+    others: Dict[str, int] = {}
+    oldest = time.time() - 26 * 3600  # a batch ends within 24 hours
+    seen = 0
+    try:
+        async for batch in run.api.batches():
+            seen += 1
+            metadata = batch.get("metadata") or {}
+            job = metadata.get("parallel_requests_job")
+            if (metadata.get("parallel_requests_input") == ledger.input_key and job and job != ledger.job
+                    and batch.get("status") not in TERMINAL_STATUSES):
+                others[str(job)] = others.get(str(job), 0) + 1
+            if seen >= SEARCH_LIMIT or (batch.get("created_at") or 0) < oldest:
+                break
+    except BatchApiError as error:
+        logger.info("Could not list the server's batches to look for another run's batches of this input: %s", error)
+        return None
+    if not others:
+        return None
+    described = ", ".join(f"job {job} ({count} batch(es))" for job, count in others.items())
+    message = (f"batches of this input from another work folder still run on the server: {described}; run the "
+               "command with that run's --work-dir to collect them (or cancel them), so no row is paid twice")
+    logger.error("%s", message)
+    return message
 
 
 async def _find_lost_creations(run: BatchRun, logger: Any) -> None:
