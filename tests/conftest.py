@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 # Settings that must be in place before Prefect is imported anywhere.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -28,6 +28,27 @@ from moto.server import ThreadedMotoServer
 
 # Local application imports
 from tools.openai_test_server import RunningServer, ServerConfig, start_server_thread
+
+
+def start_prefect_server(env: Dict[str, str], timeout_seconds: float = 90.0) -> Tuple[subprocess.Popen, str]:
+    """``prefect server start`` on a free port of 127.0.0.1 with ``env``; returns it and its API URL once healthy."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "prefect"), "server", "start", "--host",
+                               "127.0.0.1", "--port", str(port)], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api_url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            urllib.request.urlopen(f"{api_url}/health", timeout=2)
+            return server, api_url
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                stop_group(server)
+                raise AssertionError("prefect server did not start") from None
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
@@ -44,23 +65,9 @@ def prefect_api_url(tmp_path_factory) -> Iterator[str]:
 
     home = str(tmp_path_factory.mktemp("prefect-session-home"))
     seed_home(home)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=home, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "prefect"), "server", "start", "--host",
-                               "127.0.0.1", "--port", str(port)], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    api_url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{api_url}/health", timeout=2)
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "prefect server did not start"
-            time.sleep(0.2)
+    server, api_url = start_prefect_server(env)
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             yield api_url

@@ -4,11 +4,9 @@
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from typing import Any, Dict, Iterator, List, Tuple
 
 # Third-party imports
@@ -27,7 +25,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 # Local application imports
 from tasks.platform.embedded_prefect_api import seed_home
-from tests.conftest import stop_group, write_jsonl
+from tests.conftest import start_prefect_server, stop_group, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -238,24 +236,15 @@ def postgres_prefect_server(tmp_path_factory) -> Iterator[Tuple[str, Dict[str, s
     database = f"prefect_test_{os.getpid()}"
     _postgres(f'DROP DATABASE IF EXISTS "{database}"', f'CREATE DATABASE "{database}"')
     home = str(tmp_path_factory.mktemp("prefect-postgres-home"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "OPENAI_API_KEY"}
     env.update(PREFECT_HOME=home, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
                PREFECT_API_DATABASE_CONNECTION_URL=f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}")
-    server = subprocess.Popen([f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    api_url = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{api_url}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "prefect server on PostgreSQL did not start"
-                time.sleep(0.5)
+        server, api_url = start_prefect_server(env, timeout_seconds=180)
+    except AssertionError:
+        _postgres(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        raise
+    try:
         client_env = {k: v for k, v in env.items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"}
         client_env.update(PREFECT_API_URL=api_url, PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-pg-client")))
         yield api_url, client_env

@@ -11,6 +11,9 @@ import pytest
 # Local application imports
 from tasks.limits.rate_limiter import RateLimiter, RequestNeverFits
 
+# Timing-sensitive (grants counted per real second): run alone, after the parallel part of the suite.
+pytestmark = pytest.mark.timing
+
 
 @pytest.mark.parametrize(
     "options",

@@ -20,6 +20,9 @@ from tasks.limits.redis_engine import (
     redis_client,
 )
 
+# Timing-sensitive (grants counted per real second): run alone, after the parallel part of the suite.
+pytestmark = pytest.mark.timing
+
 
 def _pool(redis_url: str, name: str, rpm=None, tpm=None, **options) -> RedisRateLimiterPool:
     """One 'process' of a shared identity (each pool has its own process name)."""
