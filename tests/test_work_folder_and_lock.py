@@ -18,6 +18,7 @@ import pytest
 from flows.parallel_requests import parallel_requests
 from tasks.job.job_lock import FileLease, Holder, JobLock, JobLocked
 from tasks.job.work_location import WorkFolderRefused, WorkLocation
+from tasks.storage.uris import remove_stale_temporaries
 from tests.conftest import read_jsonl, write_jsonl
 
 
@@ -287,3 +288,15 @@ def test_a_live_process_on_this_machine_keeps_its_lock_however_long_ago_it_renew
     stalled = Holder("stalled", socket.gethostname(), os.getpid(), None, None, long_ago, long_ago)
     assert lease.try_take(stalled) is None
     assert lease.try_take(Holder.of_this_process(None)).token == "stalled"
+
+
+def test_the_cleanup_of_stale_temporaries_never_touches_the_job_locks_files(tmp_path) -> None:
+    # A run cleans its output's leftovers while another run, waiting for the lock, writes the lock's temporary
+    # beside it: removing that file made the waiter fail (seen when two runs of one job started at once).
+    out = tmp_path / "out.jsonl"
+    lock_temporary = tmp_path / ".out.jsonl.lock.0f3a.77aa12bc.tmp"
+    assembly_leftover = tmp_path / ".out.jsonl.4411.tmp"
+    for path in (lock_temporary, assembly_leftover):
+        path.write_text("x")
+    assert remove_stale_temporaries(str(out)) == 1
+    assert lock_temporary.exists() and not assembly_leftover.exists()

@@ -203,8 +203,11 @@ def remove_stale_temporaries(uri: str) -> int:
         return 0
     path = local_path(uri)
     pattern = os.path.join(os.path.dirname(os.path.abspath(path)), f".{glob.escape(os.path.basename(path))}.*.tmp")
+    lock_files = f".{os.path.basename(path)}.lock."  # the job lock's own files: another run may be writing one now
     removed = 0
     for stale in glob.glob(pattern):
+        if os.path.basename(stale).startswith(lock_files):
+            continue
         with contextlib.suppress(OSError):
             os.remove(stale)
             removed += 1
