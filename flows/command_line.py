@@ -38,8 +38,10 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
-from typing import Any, Callable, Dict, Optional, Sequence
+import threading
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 # Local application imports
 from tasks.job.settings import (
@@ -68,6 +70,50 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         flow_function: the flow to run; imported here when not given (``python -m`` passes its own).
     """
     args = parse_arguments(argv)
+    interrupted = _note_interrupts()
+    try:
+        status, summary = _run_command(args, flow_function)
+    except KeyboardInterrupt:  # Ctrl-C at any moment: every finished row is kept; one line, no traceback
+        status, summary = 130, None
+    if interrupted.is_set() and status != 0:
+        status = 130
+    if status == 130:
+        print(f"parallel-requests: interrupted; {_rows_kept()}; run the same command again to continue"
+              + (_batches_on_interrupt(args.cancel_batches) if args.mode == "batch" else ""), file=sys.stderr)
+    if args.json:  # stdout holds one JSON object whatever the ending
+        print(json.dumps(summary if isinstance(summary, dict) else {
+            "complete": False, "exit_status": status,
+            "stop_reason": "interrupted" if status == 130 else _last_error.get("text", "the run failed")}, default=str))
+    elif isinstance(summary, dict):
+        print(format_cli_summary(summary))
+    return status
+
+
+# The last one-line error the command printed (for --json).
+_last_error: Dict[str, str] = {}
+
+
+def _error(text: str) -> None:
+    """Print a one-line error on stderr (and keep it for --json)."""
+    _last_error["text"] = text
+    print(f"parallel-requests: {text}", file=sys.stderr)
+
+
+def _note_interrupts() -> threading.Event:
+    """An event set when Ctrl-C arrives (SIGINT still raises KeyboardInterrupt, as by default)."""
+    interrupted = threading.Event()
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_interrupt)
+    return interrupted
+
+
+def _run_command(args: argparse.Namespace, flow_function: Optional[Callable[..., Any]]) -> Tuple[int, Any]:
+    """Check the arguments, start the local API, run the flow; return the exit status and the summary."""
     try:
         validate_settings(args.max_requests_per_minute, args.max_tokens_per_minute, args.max_attempts,
                           args.max_in_flight, args.shards, args.burst_seconds, args.target_utilization,
@@ -87,9 +133,11 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         if args.api_key_from_flag and (args.shard_deployment or (args.dask_cluster or "").startswith("tcp://")):
             raise ValueError("--api_key cannot reach child runs or remote Dask workers; set OPENAI_API_KEY in "
                              "the workers' environment (or use a Prefect Secret block) instead")
+        if not (math.isfinite(args.progress_seconds) and args.progress_seconds > 0):
+            raise ValueError(f"--progress-seconds must be a number of seconds above 0, got {args.progress_seconds}")
     except (ValueError, OSError) as error:
-        print(f"parallel-requests: error: {error}", file=sys.stderr)
-        return 2
+        _error(f"error: {error}")
+        return 2, None
     # Prefect's local API starts now, in parallel with the rest of start-up (None: PREFECT_API_URL is set).
     embedded_api = start_embedded_api()
     from tasks.api.api_client import check_api_key  # imports aiohttp: after the API server is on its way
@@ -97,8 +145,8 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
     try:
         args.api_key = check_api_key(args.api_key)
     except ValueError as error:  # stopped before anything is sent; the server stops at exit
-        print(f"parallel-requests: {error}", file=sys.stderr)
-        return 1
+        _error(str(error))
+        return 1, None
     if flow_function is None:
         from flows.parallel_requests import parallel_requests as flow_function  # imports Prefect: ~2 s
     for name in ("prefect.flow_runs", "prefect.task_runs", "tasks", "flows"):
@@ -139,7 +187,9 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
         batch_queue_tokens=args.batch_queue_tokens,
         batch_max_requests=args.batch_max_requests,
     )
-    progress = args.progress if args.progress != "auto" else ("bar" if sys.stderr.isatty() else "lines")
+    progress = args.progress if args.progress != "auto" else ("bar" if _live_terminal() else "lines")
+    if progress == "bar" and not _live_terminal():  # a file, a pipe or TERM=dumb cannot show a live block
+        progress = "lines"
     parameters["progress_every_seconds"] = args.progress_seconds if progress == "lines" else 0
     if progress == "bar" and not args.dry_run:
         from tasks.reporting.live_display import LiveDisplay  # imports rich: after Prefect (which loads it anyway)
@@ -147,26 +197,17 @@ def main(argv: Optional[Sequence[str]] = None, flow_function: Optional[Callable[
     else:
         display = contextlib.nullcontext()
     with embedded_api.settings() if embedded_api else contextlib.nullcontext():
-        try:
-            with display:
-                final_state = asyncio.run(flow_function(**parameters, return_state=True))
-        except KeyboardInterrupt:  # Ctrl-C: every finished row is kept; one line, no traceback
-            print(f"parallel-requests: interrupted; {_rows_kept()}; run the same command again to continue"
-                  + (_batches_on_interrupt(args.cancel_batches) if args.mode == "batch" else ""), file=sys.stderr)
-            return 130
+        with display:
+            final_state = asyncio.run(flow_function(**parameters, return_state=True))
         summary = final_state.result(raise_on_failure=False) if final_state.data is not None else None
         if asyncio.iscoroutine(summary):
             summary = asyncio.run(summary)
         from tasks.reporting.run_events import flush_events
         flush_events()  # the run's events reach the API before this process (and its local API) ends
-    if isinstance(summary, dict):
-        print(json.dumps(summary, default=str) if args.json else format_cli_summary(summary))
-    elif args.json:
-        print(json.dumps({"complete": False, "stop_reason": final_state.message or "the run failed"}))
     if final_state.is_completed():
-        return 0
-    print(f"parallel-requests: {final_state.message or 'the run failed'}", file=sys.stderr)
-    return 1
+        return 0, summary
+    _error(final_state.message or "the run failed")
+    return 1, summary
 
 
 def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -265,6 +306,11 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 
+
+
+def _live_terminal() -> bool:
+    """True when stderr is a terminal that can redraw a live block (not a file, a pipe or TERM=dumb)."""
+    return sys.stderr.isatty() and os.environ.get("TERM", "") not in ("dumb", "unknown")
 
 
 def _rows_kept() -> str:

@@ -200,3 +200,35 @@ def test_the_readmes_automation_notifies_a_webhook_when_a_run_ends_with_failed_r
     text = received[0]["text"]
     assert "bad.jsonl ended (parallel-requests.run.finished): 4 of 40 rows failed" in text, text
     assert "sk-live-test" not in json.dumps(received)
+
+
+def test_ctrl_c_during_start_up_is_one_line_exit_130_and_json_still_parses(api_server, tmp_path,
+                                                                         prefect_api_url) -> None:
+    server = api_server()
+    source = write_jsonl(tmp_path / "in.jsonl", _rows(300))
+    status, stdout = str(tmp_path / "status"), str(tmp_path / "stdout.json")
+    arguments = ["--requests_filepath", source, "--request_url", f"{server.url}/v1/chat/completions", "--json"]
+    line = _command(prefect_api_url, tmp_path, arguments).replace(" --json", " --json > " + shlex.quote(stdout))
+    terminal = Terminal("pr-early-c", line + f"; echo exit=$? > {shlex.quote(status)}")
+    try:
+        time.sleep(1.0)  # Prefect and the flow are still being imported
+        terminal.keys("C-c")
+        deadline = time.monotonic() + 30
+        while not os.path.exists(status) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        screen = terminal.screen()
+    finally:
+        terminal.close()
+    assert open(status).read().strip() == "exit=130", screen
+    assert "Traceback" not in screen and "interrupted;" in screen, screen
+    assert json.loads(open(stdout).read()) == {"complete": False, "exit_status": 130, "stop_reason": "interrupted"}
+
+
+def test_json_on_stdout_even_when_the_run_cannot_start(tmp_path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", _rows(3))
+    for extra, status in ((["--api_key", "sk-live test"], 1), (["--progress-seconds", "-1"], 2)):
+        code, out, err = _run(["--requests_filepath", source, "--json", *extra], str(tmp_path / "home"))
+        assert code == status, err[-2000:]
+        summary = json.loads(out)
+        assert summary["complete"] is False and summary["exit_status"] == status and summary["stop_reason"], summary
+        assert "sk-live test" not in out + err

@@ -195,6 +195,7 @@ class BatchRun:
         running = sum(int(entry.counts.get("completed", 0)) + int(entry.counts.get("failed", 0))
                       for entry in self.ledger.files if entry.state == "submitted")
         self.progress.done_bytes = self.rows_settled_before + self.settled_now() + running
+        self.progress.earlier_bytes = self.rows_settled_before  # in batch mode progress counts rows
         self.progress.rows_settled = self.settled_now()
         by_status: Dict[str, int] = {}
         for entry in self.ledger.files:

@@ -114,11 +114,12 @@ def progress_text(progress: RunProgress) -> str:
 
 
 def eta_seconds(progress: RunProgress, elapsed: float) -> Optional[float]:
-    """Seconds left at the pace so far (None until there is a pace)."""
-    share = progress.percent / 100.0
-    if share <= 0.0 or elapsed < 1.0:
+    """Seconds left at this run's pace (lines an earlier run finished are no part of it; None until there is one)."""
+    done_here = progress.done_bytes - progress.earlier_bytes
+    left = progress.total_bytes - progress.done_bytes
+    if done_here <= 0 or elapsed < 1.0:
         return None
-    return max(0.0, elapsed * (1.0 - share) / share)
+    return max(0.0, elapsed * left / done_here)
 
 
 def duration_text(seconds: float) -> str:

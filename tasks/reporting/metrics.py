@@ -179,11 +179,15 @@ class RunProgress:
     live: LiveMetrics = field(default_factory=LiveMetrics)
     note: Optional[str] = None  # what the run waits on, in words, when it sends nothing itself (batch mode)
 
+    earlier_bytes: int = 0  # of done_bytes, lines this run found finished (or blank): no part of its pace
+
     def advance(self, line_bytes: int, rows: int = 0) -> None:
         """A line ``line_bytes`` long is finished (``rows``: 1 for a row this run settled, 0 for a blank
         line or one an earlier run finished)."""
         self.done_bytes += line_bytes
         self.rows_settled += rows
+        if not rows:
+            self.earlier_bytes += line_bytes
 
     @property
     def percent(self) -> float:
