@@ -359,3 +359,16 @@ def test_the_same_input_from_another_work_folder_is_refused_while_its_batches_ru
     code, out, err = _run(second, str(tmp_path / "home"))
     assert code == 1 and "from another work folder still run" in err, err[-3000:]
     assert server.stats()["batches"]["created"] == created  # nothing submitted twice
+
+
+def test_result_files_cut_off_in_transfer_are_downloaded_again_not_paid_again(api_server, tmp_path) -> None:
+    server = api_server(batch_rows_per_second=500, batch_cut_downloads=2)
+    source = str(tmp_path / "in.jsonl")
+    rows = _mixed_job(source, 200)
+    save = str(tmp_path / "out.jsonl")
+    code, out, err = _run(_arguments(server, source, save), str(tmp_path / "home"))
+    assert code == 0, err[-3000:]
+    _check_every_row(rows, save)
+    stats = server.stats()
+    assert stats["batches"]["created"] == 3 and stats["bodies_answered_more_than_once"] == 0, stats["batches"]
+    assert "downloading them again" in err

@@ -184,7 +184,11 @@ class BatchTestApi:
         stored = self.files.get(request.match_info["id"])
         if stored is None:
             return _error(404, "No such File object", "not_found")
-        return web.Response(body=stored.content, content_type="application/octet-stream")
+        content = stored.content
+        if len(content) > 1 and self.stats["cut_downloads"] < self.config.batch_cut_downloads:
+            self.stats["cut_downloads"] += 1  # the transfer stops half-way: the last line is cut off
+            content = content[: len(content) // 2 + 1]
+        return web.Response(body=content, content_type="application/octet-stream")
 
     async def delete_file(self, request: web.Request) -> web.Response:
         """DELETE /v1/files/{id}."""

@@ -90,6 +90,7 @@ class ServerConfig:
         batch_expire_count: only the first N batches expire (None: all of them).
         batch_queue_tokens: the cap on one model's enqueued input tokens (None: no cap).
         batch_create_lost_answers: the first N batch creations are made, but answered 502 (the answer lost).
+        batch_cut_downloads: the first N downloads of a file's content stop half-way, mid-line.
     """
 
     requests_per_minute: Optional[float] = None
@@ -112,6 +113,7 @@ class ServerConfig:
     batch_expire_count: Optional[int] = None
     batch_queue_tokens: Optional[int] = None
     batch_create_lost_answers: int = 0
+    batch_cut_downloads: int = 0
 
 
 DIALECTS = ("openai", "window", "azure", "groq", "anthropic", "ietf", "ietf-legacy", "x-ratelimit-window", "none")
@@ -592,6 +594,8 @@ def parse_arguments() -> argparse.Namespace:
                         help="cap on one model's enqueued batch input tokens (default: none)")
     parser.add_argument("--batch-create-lost-answers", type=int, default=0,
                         help="the first N batch creations are made but answered 502, as if the answer was lost")
+    parser.add_argument("--batch-cut-downloads", type=int, default=0,
+                        help="the first N downloads of a file's content stop half-way, mid-line")
     parser.add_argument("--port-file", default=None, help="write the chosen port to this file once listening")
     return parser.parse_args()
 
@@ -606,7 +610,8 @@ async def serve_forever(args: argparse.Namespace) -> None:
                           batch_rows_per_second=args.batch_rows_per_second, batch_row_fault_rate=args.batch_row_fault_rate,
                           batch_expire_fraction=args.batch_expire_fraction, batch_expire_count=args.batch_expire_count,
                           batch_queue_tokens=args.batch_queue_tokens,
-                          batch_create_lost_answers=args.batch_create_lost_answers)
+                          batch_create_lost_answers=args.batch_create_lost_answers,
+                          batch_cut_downloads=args.batch_cut_downloads)
     app, _ = build_application(config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

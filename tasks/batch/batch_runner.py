@@ -459,25 +459,28 @@ def _forget_unknown_batch(run: BatchRun, entry: BatchFile) -> None:
 
 
 def _short_download(ledger: BatchLedger, entry: BatchFile) -> Optional[str]:
-    """What is wrong with a batch's downloaded result files (a line cut off, fewer lines than the batch
-    counted done), or None when they hold what the batch reported."""
+    """What is wrong with a batch's downloaded result files (the last line cut off, fewer lines than the batch
+    counted done), or None when they hold what the batch reported. Only the lines are counted and each file's
+    last line parsed: a transfer cut short loses the end (lines are parsed once, when collected)."""
     whole = broken = 0
     for kind in ("output", "errors"):
         path = ledger.path_of(entry, kind)
         if not os.path.exists(path):
             continue
+        last = b""
         with open(path, "rb") as handle:
             for raw in handle:
-                if not raw.strip():
-                    continue
-                try:
-                    fast_json.loads(raw)
+                if raw.strip():
                     whole += 1
-                except ValueError:
-                    broken += 1
+                    last = raw
+        if last:
+            try:
+                fast_json.loads(last)
+            except ValueError:
+                whole, broken = whole - 1, broken + 1
     expected = int(entry.counts.get("completed", 0)) + int(entry.counts.get("failed", 0))
     if broken:
-        return f"{broken} line(s) cut off or not JSON"
+        return f"{broken} file(s) ending in a line cut off"
     if whole < min(expected, entry.rows):
         return f"{whole:,} lines where the batch counted {expected:,} requests done"
     return None
