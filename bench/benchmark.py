@@ -7,7 +7,7 @@ own process on 127.0.0.1 so that it has a core of its own:
        embeddings requests; then the flow sends the same file with no limits and 200 in
        flight (``--progress off``); then the flow again with its live status block drawn in a
        pseudo-terminal (``--progress bar``), whose cost is reported as a share of the rate. Both rates are measured at the server, from the first request to the last.
-       The two alternate for ``--rounds`` rounds (3 by default), because this machine's speed
+       The two alternate for ``--rounds`` rounds (5 by default), because this machine's speed
        drifts by tens of percent from minute to minute. Reported: each round's rates and ratio,
        the medians, the ratio of the medians, and the flow's start-up time (process start to
        the first request the server receives; median).
@@ -334,7 +334,7 @@ def parse_arguments() -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description="Benchmark the parallel-requests flow.")
     parser.add_argument("--requests", type=int, default=20_000, help="requests in the no-limit comparison (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="alternating rounds of the no-limit comparison (default: %(default)s)")
     parser.add_argument("--limited-requests", type=int, default=3_000,
                         help="requests in the 6,000 RPM run (default: %(default)s)")

@@ -1,6 +1,7 @@
 """Parts and the final assembly: input order, invalid-line numbers, verified and atomic replacement of the output."""
 
 # Standard library imports
+import asyncio
 import json
 import os
 
@@ -119,3 +120,31 @@ def test_a_local_error_is_decided_again_and_the_last_final_record_wins(tmp_path)
     out = tmp_path / "out.jsonl"
     assemble_output(str(out), [PartInfo(part)], RequestShape.COOKBOOK, "in.jsonl", require_complete=True)
     assert out.read_text() == '["answered"]\n'
+
+
+def test_a_shards_writer_puts_every_answer_on_disk_before_the_next_request_and_by_the_end_of_the_turn(tmp_path) -> None:
+    path = str(tmp_path / "c.part")
+
+    def on_disk() -> list:
+        with open(path, "rb") as handle:
+            return [line.split(b"\t")[:2] for line in handle.read().splitlines()]
+
+    async def shard() -> list:
+        seen = []
+        with PartWriter(path, coalesce=True) as part:
+            part.write_result(0, D, b'["row 1"]')
+            part.write_result(1, D, b'["row 2"]')
+            part.write_sent(2, D)  # the next request: nothing may leave before the answers above are on disk
+            seen.append(on_disk())
+            part.write_result(2, D, b'["row 3"]')
+            await asyncio.sleep(0)  # one turn of the loop
+            seen.append(on_disk())
+            part.write_invalid(InvalidLine(3, "invalid JSON (x)", "{bad", None))
+        seen.append(on_disk())  # closing writes what waits
+        return seen
+
+    sent, turn, closed = asyncio.run(shard())
+    assert sent == [[b"0", b"r"], [b"1", b"r"], [b"2", b"s"]]
+    assert turn == sent + [[b"2", b"r"]]
+    assert closed == turn + [[b"3", b"i"]]
+    assert read_part_state(path).done.keys() == {0, 1, 2, 3}

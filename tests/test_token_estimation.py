@@ -12,6 +12,7 @@ import tiktoken
 
 # Local application imports
 from tasks.requests.request_formats import endpoint_of, endpoint_of_body
+from tasks.shards.run_state import Budget, RunContext
 from tasks.requests.token_estimation import (
     EncodingUnavailable,
     TokenEstimator,
@@ -150,3 +151,13 @@ def test_works_with_no_network_and_an_empty_cache(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "1"]
     assert time.monotonic() - start < 30
+
+
+def test_requests_are_estimated_only_while_a_token_limit_or_the_budget_needs_it() -> None:
+    context = RunContext(settings=None, limiter=None, client=None, estimator=None, progress=None)
+    assert context.estimator_for(limits_tokens=False) is None
+    assert context.estimator_for(limits_tokens=True) is not None  # a limit applies (or is still to be learned)
+    assert context.estimator_for(limits_tokens=False) is None  # the server stated none: no more estimates
+    priced = RunContext(settings=None, limiter=None, client=None, estimator=None, progress=None,
+                        budget=Budget(limit_usd=1.0))
+    assert priced.estimator_for(limits_tokens=False) is not None  # a budget prices every request

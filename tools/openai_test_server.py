@@ -70,14 +70,14 @@ class ServerConfig:
     """How the test server behaves.
 
     Attributes:
+        api_key: when set, requests must carry it (Bearer or api-key header).
         requests_per_minute: the request limit, or None for none.
         tokens_per_minute: the token limit (prompt plus max_tokens), or None for none.
+        quota_after: after this many accepted requests, answer 429 insufficient_quota.
         slice_seconds: the length of the fixed slices the limits are enforced in.
         fault_rate: the share of requests answered with a fault (500, 503, 502 HTML, dropped).
         latency_seconds: added to every answer.
         latency_jitter_seconds: a random extra latency, up to this much.
-        api_key: when set, requests must carry it (Bearer or api-key header).
-        quota_after: after this many accepted requests, answer 429 insufficient_quota.
         retry_after_seconds: when set, 429 answers carry ``retry-after-ms`` with this wait.
         seed: the seed of the fault and latency draws.
         model_limits: limits of their own for some models: {model: (requests_per_minute, tokens_per_minute)}.
@@ -93,14 +93,14 @@ class ServerConfig:
         batch_cut_downloads: the first N downloads of a file's content stop half-way, mid-line.
     """
 
+    api_key: Optional[str] = None
     requests_per_minute: Optional[float] = None
     tokens_per_minute: Optional[float] = None
+    quota_after: Optional[int] = None
     slice_seconds: float = 1.0
     fault_rate: float = 0.0
     latency_seconds: float = 0.0
     latency_jitter_seconds: float = 0.0
-    api_key: Optional[str] = None
-    quota_after: Optional[int] = None
     retry_after_seconds: Optional[float] = None
     seed: int = 0
     model_limits: Dict[str, Tuple[Optional[float], Optional[float]]] = field(default_factory=dict)
@@ -659,15 +659,13 @@ def _per_minute(times: List[float]) -> float:
     return (len(times) - 1) * 60.0 / span if span > 0 else 0.0
 
 
+# The endpoint each request path ends with ("/completions" is the rest).
+_ENDPOINT_SUFFIXES = (("/chat/completions", "chat"), ("/embeddings", "embeddings"), ("/responses", "responses"))
+
+
 def _endpoint_of_path(path: str) -> str:
     """"chat", "completions", "embeddings" or "responses" from a request path."""
-    if path.endswith("/chat/completions"):
-        return "chat"
-    if path.endswith("/embeddings"):
-        return "embeddings"
-    if path.endswith("/responses"):
-        return "responses"
-    return "completions"
+    return next((name for suffix, name in _ENDPOINT_SUFFIXES if path.endswith(suffix)), "completions")
 
 
 def _body_key(body: Dict[str, Any]) -> str:

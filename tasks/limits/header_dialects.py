@@ -121,10 +121,16 @@ def read_limits(headers: Mapping[str, str], now: float, wall_now: float,
         wall_now: the wall clock (``time.time()``) at the same moment, for dates and epoch times.
         latency: seconds from sending the request to ``now``.
     """
-    for reader in (_read_x_ratelimit, _read_anthropic, _read_ietf, _read_x_ratelimit_window):
-        limits = reader(_Headers(headers), now, wall_now)
-        if limits is not None:
-            return dataclasses.replace(limits, latency=max(0.0, latency)) if latency else limits
+    lowered = "\n".join(headers).lower()
+    if "ratelimit" not in lowered:  # the usual answer of a server without limit headers: nothing to parse
+        return None
+    names = [name for name in lowered.split("\n") if "ratelimit" in name]
+    wrapped = _Headers(headers)
+    for prefix, reader in _READERS:
+        if any(name.startswith(prefix) for name in names):
+            limits = reader(wrapped, now, wall_now)
+            if limits is not None:
+                return dataclasses.replace(limits, latency=max(0.0, latency)) if latency else limits
     return None
 
 
@@ -288,6 +294,11 @@ def _read_x_ratelimit_window(headers: _Headers, now: float, wall_now: float) -> 
     reading = _reading(limit.split(",")[0] if limit else None, headers.get("x-ratelimit-remaining"),
                        headers.get("x-ratelimit-reset"), now, wall_now, _policy_window(limit))
     return None if reading is None else ServerLimits("x-ratelimit-window", now, requests=reading)
+
+
+# The dialects in the order they are tried, each with the prefix all of its header names share.
+_READERS = (("x-ratelimit-", _read_x_ratelimit), ("anthropic-ratelimit-", _read_anthropic), ("ratelimit", _read_ietf),
+            ("x-ratelimit-", _read_x_ratelimit_window))
 
 
 # Helpers

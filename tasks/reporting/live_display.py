@@ -74,11 +74,11 @@ class LiveDisplay:
                                              if limit_rpm else " (no limit)")
         tokens = f"{tpm:,.0f} tokens/min" + (f" of {limit_tpm:,.0f}" if limit_tpm else "")
         first = Text.assemble((rate, "cyan"), "   ", tokens, "   ", f"{live.in_flight:,} in flight")
-        if progress.note and not live.sent_total:  # batch mode: the server does the sending
+        if progress.note and not live.totals.sent:  # batch mode: the server does the sending
             first = Text(progress.note, style="cyan")
-        second = Text.assemble((f"{live.rate_limited_total:,} 429s", "yellow" if live.rate_limited_total else ""),
-                               f"   {live.retries_total:,} retries   ",
-                               (f"{live.errors_total:,} failed", "red" if live.errors_total else ""),
+        second = Text.assemble((f"{live.totals.rate_limited:,} 429s", "yellow" if live.totals.rate_limited else ""),
+                               f"   {live.totals.retries:,} retries   ",
+                               (f"{live.totals.errors:,} failed", "red" if live.totals.errors else ""),
                                f"   ${live.cost_usd:,.4f}   elapsed {duration_text(elapsed)}   ETA ",
                                (duration_text(eta) if eta is not None else "-", "bold"))
         return Group(head, first, second)

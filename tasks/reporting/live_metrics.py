@@ -36,6 +36,11 @@ TIMELINE_ROWS = 60
 BAR_WIDTH = 24
 
 
+def bucket_of(seconds: float) -> int:
+    """The latency bucket a duration falls in."""
+    return max(0, math.ceil(math.log(max(seconds, BUCKET_BASE_SECONDS) / BUCKET_BASE_SECONDS, BUCKET_GROWTH)))
+
+
 @dataclass
 class LatencyHistogram:
     """Durations in log-spaced buckets: percentiles within 5% in a few hundred counters."""
@@ -45,7 +50,10 @@ class LatencyHistogram:
 
     def add(self, seconds: float) -> None:
         """Count one duration."""
-        bucket = max(0, math.ceil(math.log(max(seconds, BUCKET_BASE_SECONDS) / BUCKET_BASE_SECONDS, BUCKET_GROWTH)))
+        self.add_to_bucket(bucket_of(seconds))
+
+    def add_to_bucket(self, bucket: int) -> None:
+        """Count one duration already placed in its bucket (``bucket_of``)."""
         self.counts[bucket] = self.counts.get(bucket, 0) + 1
         self.total += 1
 
@@ -79,14 +87,14 @@ class TimelineInterval:
 
     start: float
     seconds: float
+    limit_rpm: Optional[float] = None
     sent: int = 0
     answered: int = 0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # of the answers other than 429s
     rate_limited: int = 0
     retries: int = 0
     errors: int = 0
     tokens: int = 0
-    limit_rpm: Optional[float] = None
-    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def absorb(self, other: "TimelineInterval") -> None:
         """Take the next interval into this one (the timeline got twice as coarse)."""
@@ -103,8 +111,8 @@ class LiveMetrics:
 
     Attributes:
         started_at: when the run began (epoch seconds).
-        sent_total, answered_total, rate_limited_total, retries_total, errors_total, tokens_total:
-            this run's counts so far.
+        totals: this run's counts so far (sent, answered, rate_limited, retries, errors, tokens), as one
+            interval as long as the run.
         cost_usd: the cost of the answers so far.
         latency_by_model: time from sending a request to its answer, per model.
         limiter_wait: time requests waited for the rate limiter (only requests that waited).
@@ -113,12 +121,7 @@ class LiveMetrics:
     """
 
     started_at: float = field(default_factory=time.time)
-    sent_total: int = 0
-    answered_total: int = 0
-    rate_limited_total: int = 0
-    retries_total: int = 0
-    errors_total: int = 0
-    tokens_total: int = 0
+    totals: TimelineInterval = field(default_factory=lambda: TimelineInterval(time.time(), math.inf))
     cost_usd: float = 0.0
     latency_by_model: Dict[str, LatencyHistogram] = field(default_factory=dict)
     limiter_wait: LatencyHistogram = field(default_factory=LatencyHistogram)
@@ -130,44 +133,48 @@ class LiveMetrics:
     @property
     def in_flight(self) -> int:
         """Requests sent and not answered yet."""
-        return max(0, self.sent_total - self.answered_total)
+        return max(0, self.totals.sent - self.totals.answered)
 
     def sent(self) -> None:
         """A request went out."""
         with self._lock:
-            self.sent_total += 1
+            self.totals.sent += 1
             self._now_interval().sent += 1
 
     def answered(self, model: Optional[str], seconds: float, rate_limited: bool = False) -> None:
         """A request's answer (or failure to get one) came back after ``seconds``."""
         with self._lock:
             interval = self._now_interval()
-            self.answered_total += 1
+            self.totals.answered += 1
             interval.answered += 1
             if rate_limited:
-                self.rate_limited_total += 1
+                self.totals.rate_limited += 1
                 interval.rate_limited += 1
             else:
-                self.latency_by_model.setdefault(model or "-", LatencyHistogram()).add(seconds)
-                interval.latency.add(seconds)
+                bucket = bucket_of(seconds)
+                histogram = self.latency_by_model.get(model or "-")
+                if histogram is None:
+                    histogram = self.latency_by_model[model or "-"] = LatencyHistogram()
+                histogram.add_to_bucket(bucket)
+                interval.latency.add_to_bucket(bucket)
 
     def used(self, tokens: int, cost_usd: float) -> None:
         """An answer's usage: its tokens and cost."""
         with self._lock:
-            self.tokens_total += tokens
+            self.totals.tokens += tokens
             self._now_interval().tokens += tokens
             self.cost_usd += cost_usd
 
     def retried(self) -> None:
         """A request is tried again."""
         with self._lock:
-            self.retries_total += 1
+            self.totals.retries += 1
             self._now_interval().retries += 1
 
     def failed(self) -> None:
         """A row ended in a failure."""
         with self._lock:
-            self.errors_total += 1
+            self.totals.errors += 1
             self._now_interval().errors += 1
 
     def waited(self, seconds: float) -> None:

@@ -103,13 +103,13 @@ def progress_text(progress: RunProgress) -> str:
     limit_rpm, limit_tpm = live.limits()
     elapsed = time.time() - live.started_at
     eta = eta_seconds(progress, elapsed)
-    if progress.note and not live.sent_total:  # batch mode: the server does the sending
+    if progress.note and not live.totals.sent:  # batch mode: the server does the sending
         return (f"{progress.rows_settled:,} rows settled, {progress.percent:.1f}% of the input; {progress.note}; "
                 f"elapsed {duration_text(elapsed)}, ETA {duration_text(eta) if eta is not None else '-'}")
     return (f"{progress.rows_settled:,} rows settled, {progress.percent:.1f}% of the input; "
             f"{rpm:,.0f} requests/min{_limit(limit_rpm)}, {tpm:,.0f} tokens/min{_limit(limit_tpm)}, "
-            f"{live.in_flight:,} in flight, {live.rate_limited_total:,} 429s, {live.retries_total:,} retries, "
-            f"{live.errors_total:,} failed, ${live.cost_usd:,.4f}, elapsed {duration_text(elapsed)}, "
+            f"{live.in_flight:,} in flight, {live.totals.rate_limited:,} 429s, {live.totals.retries:,} retries, "
+            f"{live.totals.errors:,} failed, ${live.cost_usd:,.4f}, elapsed {duration_text(elapsed)}, "
             f"ETA {duration_text(eta) if eta is not None else '-'}")
 
 

@@ -276,6 +276,7 @@ def endpoint_of(url: str, body: Dict[str, Any]) -> str:
     return endpoint_of_url(url) or endpoint_of_body(body)
 
 
+@functools.lru_cache(maxsize=256)  # a run has a few URLs and asks for each row
 def endpoint_of_url(url: str) -> Optional[str]:
     """Tell the endpoint from a URL path, or None when the path does not say."""
     path = url.split("?", 1)[0].rstrip("/")

@@ -174,7 +174,13 @@ class RunContext:
     pending_window: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PENDING_REQUESTS))
 
     def estimator_for(self, limits_tokens: bool) -> Optional[TokenEstimator]:
-        """The estimator, made the first time a token limit applies (a server may state one mid-run)."""
-        if self.estimator is None and limits_tokens:
+        """The estimator while a token limit or the budget needs estimates, else None.
+
+        It is made the first time a token limit applies (a server may state one mid-run). A lane
+        whose token limit turned out to be none (the first answers stated none) estimates nothing more.
+        """
+        if not limits_tokens and self.budget.limit_usd is None:
+            return None
+        if self.estimator is None:
             self.estimator = TokenEstimator.for_name(self.token_encoding_name)
         return self.estimator

@@ -123,23 +123,6 @@ class ShardJob:
         return cls(**{**data, "engine": EngineSettings(**engine)})
 
 
-@dataclass(frozen=True)
-class ShardPlacement:
-    """How a run splits its input and where its shards run.
-
-    Attributes:
-        shards: the number of shards asked for (None: follow the size; a resumed job keeps its split).
-        shard_deployment: run shards as child runs of this deployment, or None.
-        dask_cluster: run shards on this Dask cluster, or None.
-        run_concurrency_limit: a Prefect global concurrency limit the run takes one slot of, or None.
-    """
-
-    shards: Optional[int] = None
-    shard_deployment: Optional[str] = None
-    dask_cluster: Optional[str] = None
-    run_concurrency_limit: Optional[str] = None
-
-
 @dataclass
 class ShardResult:
     """What running one shard gave (JSON-safe: a child run or a Dask worker hands it back as a dict).
@@ -219,6 +202,23 @@ class ShardOutcome:
         outcome.learned_requests = learned["requests"].pop() if len(learned["requests"]) == 1 else None
         outcome.learned_tokens = learned["tokens"].pop() if len(learned["tokens"]) == 1 else None
         return outcome
+
+
+@dataclass(frozen=True)
+class ShardPlacement:
+    """How a run splits its input and where its shards run.
+
+    Attributes:
+        shards: the number of shards asked for (None: follow the size; a resumed job keeps its split).
+        shard_deployment: run shards as child runs of this deployment, or None.
+        dask_cluster: run shards on this Dask cluster, or None.
+        run_concurrency_limit: a Prefect global concurrency limit the run takes one slot of, or None.
+    """
+
+    shards: Optional[int] = None
+    shard_deployment: Optional[str] = None
+    dask_cluster: Optional[str] = None
+    run_concurrency_limit: Optional[str] = None
 
 
 async def run_shards_here(job: ShardJob, shards: Sequence[ShardSpec], part_paths: Sequence[str], work_id: str,

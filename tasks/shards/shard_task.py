@@ -9,11 +9,12 @@ For each line of its range, the task:
        record carries the row's digest); records an invalid line as that row's error (a warning
        names the file, shard, line and byte offset);
     2. estimates the request's tokens and reserves its most possible cost against the budget;
-    3. takes its model's bucket capacity at once when it can and waits for a shared in-flight slot;
-       otherwise starts a task for it (at most 2,000 waiting across the run) that waits in its
-       model's lane, so a slow model never holds up a fast one. Each granted request is sent in
-       its own asyncio task (``tasks.shards.request_sender``), so requests overlap up to the
-       engine's in-flight cap.
+    3. takes its model's bucket capacity at once when it can, waits for a shared in-flight slot,
+       and hands the row to one of the shard's senders: long-lived asyncio tasks, each sending
+       one row at a time (``tasks.shards.request_sender``), started as needed and at most one per
+       slot, so requests overlap up to the engine's in-flight cap. A row whose buckets are empty
+       gets a task of its own instead (at most 2,000 waiting across the run) that waits in its
+       model's lane, so a slow model never holds up a fast one.
 
 Each row's final result is appended to the shard's part file as soon as it is known
 (``tasks.shards.row_results``). When it has read every line, the shard writes an end record
@@ -34,7 +35,7 @@ Usage (inside an async flow, with every shard awaited together):
 import asyncio
 import os
 import time
-from typing import Any, Dict, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 # Third-party imports
 from prefect import get_run_logger, task
@@ -88,7 +89,7 @@ async def process_shard(shard: ShardSpec, part_path: str, work_id: str, context:
                     os.path.basename(shard.source), len(earlier.done), earlier.sent_unfinished)
     else:
         logger.info("Starting %s of %s", shard.label, os.path.basename(shard.source))
-    with PartWriter(part_path) as part:
+    with PartWriter(part_path, coalesce=True) as part:
         recorder = ResultRecorder(part, context.settings.shape, context.progress, context.errors, logger, shard)
         sender = RequestSender(context, tracker, recorder, logger, shard.label)
         await ShardReader(shard, context, sender, earlier.done).run()
@@ -117,7 +118,12 @@ class ShardReader:
         self.shard, self.context, self.sender, self.done = shard, context, sender, done
         self.tracker: StatusTracker = sender.tracker
         self.recorder: ResultRecorder = sender.recorder
-        self._running: Set["asyncio.Task[None]"] = set()
+        self._running: Set["asyncio.Task[None]"] = set()  # rows waiting in their lane, then sending
+        # Granted rows go to long-lived senders through this queue: a task per row cost more CPU than the
+        # rest of the row's handling at thousands of requests a second.
+        self._granted: "asyncio.Queue[Optional[Tuple[ParsedRequest, Lane, int, int, float]]]" = asyncio.Queue()
+        self._senders: List["asyncio.Task[None]"] = []
+        self._waiting_senders = 0
 
     async def run(self) -> None:
         """Read the shard's lines and start them; return when every row is settled."""
@@ -151,8 +157,10 @@ class ShardReader:
                 self.sender.logger.exception("%s line +%d: unexpected error", self.shard.label, line_index)
                 tracker.failed_after_retries += 1
                 self.recorder.record(parsed, len(raw), RowResult.internal_error(error, sent=False))
-        if self._running:
-            await asyncio.gather(*list(self._running))
+        for _ in self._senders:
+            self._granted.put_nowait(None)  # each sender ends once the rows before it are sent
+        if self._running or self._senders:
+            await asyncio.gather(*list(self._running), *self._senders)
         self.recorder.end(tracker.lines_read, tracker.rows)
 
     async def _start_row(self, request: ParsedRequest, line_bytes: int) -> None:
@@ -178,16 +186,31 @@ class ShardReader:
             self._too_large(request, line_bytes, reserved_usd, error)
             return
         if ready:
-            # Its model's buckets serve it now: wait here for a shared in-flight slot, then send.
+            # Its model's buckets serve it now: wait here for a shared in-flight slot, then hand it to a sender.
             await lane.take_slot()
-            job = asyncio.create_task(self.sender.send(request, lane, tokens, line_bytes, reserved_usd))
-        else:
-            # It waits in its own model's lane, so a slow model never holds up a fast one;
-            # the window bounds how many wait at once (and so the memory they take).
-            await self.context.pending_window.acquire()
-            job = asyncio.create_task(self._wait_then_send(request, lane, tokens, line_bytes, reserved_usd))
+            self._granted.put_nowait((request, lane, tokens, line_bytes, reserved_usd))
+            if self._granted.qsize() > self._waiting_senders:  # no sender free for it: one more
+                # (each queued row and each sending one holds an in-flight slot, which bounds the senders)
+                self._senders.append(asyncio.create_task(self._send_granted()))
+            return
+        # It waits in its own model's lane, so a slow model never holds up a fast one;
+        # the window bounds how many wait at once (and so the memory they take).
+        await self.context.pending_window.acquire()
+        job = asyncio.create_task(self._wait_then_send(request, lane, tokens, line_bytes, reserved_usd))
         self._running.add(job)
         job.add_done_callback(self._running.discard)
+
+    async def _send_granted(self) -> None:
+        """A sender: send granted rows one after another until the shard's rows are all handed out."""
+        while True:
+            self._waiting_senders += 1
+            try:
+                granted = await self._granted.get()
+            finally:
+                self._waiting_senders -= 1
+            if granted is None:
+                return
+            await self.sender.send(*granted)
 
     async def _wait_then_send(self, request: ParsedRequest, lane: Lane, tokens: int, line_bytes: int,
                               reserved_usd: float) -> None:

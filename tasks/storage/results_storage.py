@@ -16,7 +16,10 @@ they happen, each tagged with the row's index inside the shard and its identity 
 
 Memory stays flat however long the input is: nothing waits in memory for the rows before it.
 Every record reaches the operating system as it is written, so a killed process loses no
-finished row. ``read_part_state()`` tells a resumed shard which rows are done, and how many
+finished row. A shard's writer (``coalesce=True``) joins the records of one event-loop turn
+into one write, made at the end of that turn and always before the next request is sent (the
+``s`` record forces it): so a kill still loses only what was in flight, as a request goes out
+only once every answer before it is on disk. ``read_part_state()`` tells a resumed shard which rows are done, and how many
 were sent but never answered (they will be sent again). A record torn by a kill is cut off
 when the part is reopened; a damaged record anywhere else is skipped (its row is sent again
 rather than the shard failing on every rerun). The last final record of a row wins.
@@ -40,6 +43,7 @@ Usage:
 
 # Standard library imports
 import array
+import asyncio
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -143,13 +147,22 @@ def iter_part_records(path: str) -> Iterator[Tuple[int, bytes, str, bytes, int]]
 
 
 class PartWriter:
-    """Appends one shard's records to its part file, each reaching the operating system at once."""
+    """Appends one shard's records to its part file, each reaching the operating system at once
+    (or, with ``coalesce``, at the end of the event loop's turn and before the next request is sent)."""
 
-    def __init__(self, path: str) -> None:
-        """Open (create or append to) the part file at ``path``, cutting off a torn last record."""
+    def __init__(self, path: str, coalesce: bool = False) -> None:
+        """Open (create or append to) the part file at ``path``, cutting off a torn last record.
+
+        Args:
+            path: the part file.
+            coalesce: join the records of one turn of the running event loop into one write.
+        """
         self.path = path
         _cut_torn_tail(path)
         self._handle: Optional[IO[bytes]] = open(path, "ab", buffering=0)
+        self._loop = asyncio.get_running_loop() if coalesce else None
+        self._pending: List[bytes] = []
+        self._flush_scheduled = False
 
     def __enter__(self) -> "PartWriter":
         return self
@@ -158,8 +171,10 @@ class PartWriter:
         self.close()
 
     def write_sent(self, line_index: int, digest: str) -> None:
-        """Record that a row's request is about to be sent for the first time."""
+        """Record that a row's request is about to be sent for the first time (written at once, with
+        any records still waiting: nothing is sent before the answers that came first are on disk)."""
         self._write(line_index, b"s", digest, b"")
+        self.flush()
 
     def write_result(self, line_index: int, digest: str, output_line: bytes, answered: bool = True) -> None:
         """Record a request's final output line (UTF-8 JSON, without a newline).
@@ -181,17 +196,39 @@ class PartWriter:
         """Record that the shard read all its lines: how many, and how many were not blank."""
         self._write(lines_read, b"E", NO_DIGEST, b"%d" % rows)
 
+    def flush(self) -> None:
+        """Write the records waiting for the end of the loop's turn (a coalescing writer's)."""
+        if self._pending:
+            assert self._handle is not None
+            data = memoryview(b"".join(self._pending))
+            self._pending.clear()
+            while data:  # an unbuffered write may take only part of a long buffer
+                data = data[self._handle.write(data):]
+
     def close(self) -> None:
-        """Fsync and close the part."""
+        """Write what waits, fsync and close the part."""
         if self._handle is not None:
+            self.flush()
             os.fsync(self._handle.fileno())
             self._handle.close()
             self._handle = None
 
     def _write(self, index: int, kind: bytes, digest: str, payload: bytes) -> None:
-        """Append one record in one write."""
+        """Append one record: in one write, or with a coalescing writer, in this turn's write."""
         assert self._handle is not None
-        self._handle.write(b"%d\t%b\t%b\t%b\n" % (index, kind, digest.encode("ascii"), payload))
+        record = b"%d\t%b\t%b\t%b\n" % (index, kind, digest.encode("ascii"), payload)
+        if self._loop is None:
+            self._handle.write(record)
+            return
+        self._pending.append(record)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_at_turn_end)  # after every callback ready now: the end of this turn
+
+    def _flush_at_turn_end(self) -> None:
+        self._flush_scheduled = False
+        if self._handle is not None:
+            self.flush()
 
 
 def assemble_output(save_path: str, parts: Sequence[PartInfo], shape: RequestShape, source_name: str,
