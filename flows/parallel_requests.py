@@ -50,7 +50,7 @@ import json
 import os
 import runpy
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Union
 
 # Third-party imports
 from prefect import flow, get_run_logger
@@ -138,7 +138,7 @@ async def parallel_requests(
     dry_run: bool = False,
     price_table: Optional[str] = None,
     budget_usd: Optional[float] = None,
-    model_limits: Optional[Dict[str, Dict[str, float]]] = None,
+    model_limits: Optional[Union[Dict[str, Dict[str, float]], str]] = None,
     learn_limits: bool = True,
     limiter: Optional[str] = None,
     limiter_name: Optional[str] = None,

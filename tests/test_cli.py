@@ -105,6 +105,21 @@ def test_dashed_flags_and_python_dash_m(prefect_api_url, api_server, tmp_path) -
     assert all(line[1]["object"] == "list" for line in results)
 
 
+def test_model_limits_from_a_json_file_given_on_the_command_line(prefect_api_url, api_server, tmp_path) -> None:
+    server = api_server()
+    source = write_jsonl(tmp_path / "two.jsonl", [{"model": "gpt-4o", "messages": [{"role": "user", "content": f"m{i}"}]}
+                                                 for i in range(3)])
+    limits = tmp_path / "model_limits.json"
+    limits.write_text(json.dumps({"gpt-4o": {"requests_per_minute": 60}}))
+    command = [CLI, "--requests_filepath", source, "--request_url", f"{server.url}/v1/chat/completions",
+               "--max_tokens_per_minute", "inf", "--model-limits", str(limits)]
+    result = subprocess.run(command, cwd=ROOT, env=_env(PREFECT_API_URL=prefect_api_url), capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "60 requests per min (given)" in result.stdout
+    assert len(read_jsonl(tmp_path / "two_results.jsonl")) == 3
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [

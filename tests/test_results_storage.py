@@ -14,6 +14,7 @@ from tasks.storage.results_storage import (
     IncompleteOutput,
     PartInfo,
     PartWriter,
+    TurnWrites,
     assemble_output,
     read_part_state,
 )
@@ -122,29 +123,33 @@ def test_a_local_error_is_decided_again_and_the_last_final_record_wins(tmp_path)
     assert out.read_text() == '["answered"]\n'
 
 
-def test_a_shards_writer_puts_every_answer_on_disk_before_the_next_request_and_by_the_end_of_the_turn(tmp_path) -> None:
-    path = str(tmp_path / "c.part")
+def test_the_shards_writers_put_every_answer_on_disk_before_any_request_and_by_the_end_of_the_turn(tmp_path) -> None:
+    paths = str(tmp_path / "a.part"), str(tmp_path / "b.part")
 
-    def on_disk() -> list:
+    def on_disk(path: str) -> list:
         with open(path, "rb") as handle:
             return [line.split(b"\t")[:2] for line in handle.read().splitlines()]
 
-    async def shard() -> list:
+    async def two_shards() -> list:
         seen = []
-        with PartWriter(path, coalesce=True) as part:
-            part.write_result(0, D, b'["row 1"]')
-            part.write_result(1, D, b'["row 2"]')
-            part.write_sent(2, D)  # the next request: nothing may leave before the answers above are on disk
-            seen.append(on_disk())
-            part.write_result(2, D, b'["row 3"]')
+        turn = TurnWrites()
+        with PartWriter(paths[0], turn) as first, PartWriter(paths[1], turn) as second:
+            first.write_result(0, D, b'["row 1"]')
+            first.write_result(1, D, b'["row 2"]')
+            second.write_sent(0, D)
+            seen.append((on_disk(paths[0]), on_disk(paths[1])))  # nothing yet: written together, once
+            turn.flush()  # a sender of either shard, before any attempt: the other shard's answers too
+            seen.append((on_disk(paths[0]), on_disk(paths[1])))
+            second.write_result(0, D, b'["row 1 of b"]')
             await asyncio.sleep(0)  # one turn of the loop
-            seen.append(on_disk())
-            part.write_invalid(InvalidLine(3, "invalid JSON (x)", "{bad", None))
-        seen.append(on_disk())  # closing writes what waits
+            seen.append((on_disk(paths[0]), on_disk(paths[1])))
+            first.write_invalid(InvalidLine(2, "invalid JSON (x)", "{bad", None))
+        seen.append((on_disk(paths[0]), on_disk(paths[1])))  # closing writes what waits
         return seen
 
-    sent, turn, closed = asyncio.run(shard())
-    assert sent == [[b"0", b"r"], [b"1", b"r"], [b"2", b"s"]]
-    assert turn == sent + [[b"2", b"r"]]
-    assert closed == turn + [[b"3", b"i"]]
-    assert read_part_state(path).done.keys() == {0, 1, 2, 3}
+    waiting, sent, turn_end, closed = asyncio.run(two_shards())
+    assert waiting == ([], [])
+    assert sent == ([[b"0", b"r"], [b"1", b"r"]], [[b"0", b"s"]])
+    assert turn_end == (sent[0], sent[1] + [[b"0", b"r"]])
+    assert closed == (sent[0] + [[b"2", b"i"]], turn_end[1])
+    assert read_part_state(paths[0]).done.keys() == {0, 1, 2} and read_part_state(paths[1]).done.keys() == {0}

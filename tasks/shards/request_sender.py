@@ -115,6 +115,7 @@ class RequestSender:
                 if not capacity:
                     tracker.not_sent += 1
                     return 0.0
+            context.turn_writes.flush()  # every answer so far, and this row's "sent" record, on disk before it leaves
             tracker.note_request_sent()
             live.sent()
             started = time.monotonic()

@@ -26,6 +26,7 @@ from tasks.reporting.metrics import RunProgress
 from tasks.requests.pricing import PriceTable, format_usd
 from tasks.requests.request_formats import RequestShape
 from tasks.requests.token_estimation import TokenEstimator
+from tasks.storage.results_storage import TurnWrites
 
 # How many error examples a run keeps for its summary.
 ERROR_EXAMPLE_LIMIT = 5
@@ -159,6 +160,7 @@ class RunContext:
         transport_params: smart-open's transport parameters for the input.
         token_encoding_name: the encoding an estimator made later uses (None: each model's own).
         pending_window: requests read but not yet settled, across every shard.
+        turn_writes: the shards' part records waiting for the end of the loop's turn (flushed before each send).
     """
 
     settings: RunSettings
@@ -172,6 +174,7 @@ class RunContext:
     transport_params: Optional[Dict[str, Any]] = None
     token_encoding_name: Optional[str] = None
     pending_window: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PENDING_REQUESTS))
+    turn_writes: TurnWrites = field(default_factory=TurnWrites)
 
     def estimator_for(self, limits_tokens: bool) -> Optional[TokenEstimator]:
         """The estimator while a token limit or the budget needs estimates, else None.

@@ -89,7 +89,7 @@ async def process_shard(shard: ShardSpec, part_path: str, work_id: str, context:
                     os.path.basename(shard.source), len(earlier.done), earlier.sent_unfinished)
     else:
         logger.info("Starting %s of %s", shard.label, os.path.basename(shard.source))
-    with PartWriter(part_path, coalesce=True) as part:
+    with PartWriter(part_path, context.turn_writes) as part:
         recorder = ResultRecorder(part, context.settings.shape, context.progress, context.errors, logger, shard)
         sender = RequestSender(context, tracker, recorder, logger, shard.label)
         await ShardReader(shard, context, sender, earlier.done).run()

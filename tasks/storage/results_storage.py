@@ -16,10 +16,10 @@ they happen, each tagged with the row's index inside the shard and its identity 
 
 Memory stays flat however long the input is: nothing waits in memory for the rows before it.
 Every record reaches the operating system as it is written, so a killed process loses no
-finished row. A shard's writer (``coalesce=True``) joins the records of one event-loop turn
-into one write, made at the end of that turn and always before the next request is sent (the
-``s`` record forces it): so a kill still loses only what was in flight, as a request goes out
-only once every answer before it is on disk. ``read_part_state()`` tells a resumed shard which rows are done, and how many
+finished row. The shards of one process share a ``TurnWrites``: each shard's records of one
+event-loop turn go into one write, made at the end of that turn, and every sender calls
+``TurnWrites.flush()`` before each attempt it sends. A request therefore goes out only once every
+answer that came before it, in any shard, is on disk, and a kill still loses only what was in flight. ``read_part_state()`` tells a resumed shard which rows are done, and how many
 were sent but never answered (they will be sent again). A record torn by a kill is cut off
 when the part is reopened; a damaged record anywhere else is skipped (its row is sent again
 rather than the shard failing on every rerun). The last final record of a row wins.
@@ -146,23 +146,47 @@ def iter_part_records(path: str) -> Iterator[Tuple[int, bytes, str, bytes, int]]
             position += len(raw)
 
 
+class TurnWrites:
+    """The part writers of one event loop whose records wait for the end of the loop's turn.
+
+    Usage (on the running loop; every part writer of the run is given the same one):
+        >>> turn = TurnWrites()
+        >>> part = PartWriter(path, turn)
+        >>> turn.flush()   # before any request is sent: every answer recorded so far reaches the disk
+    """
+
+    def __init__(self) -> None:
+        self._waiting: List["PartWriter"] = []
+
+    def note(self, writer: "PartWriter") -> None:
+        """``writer`` has its first waiting record of this turn: write it at the end of the turn."""
+        if not self._waiting:
+            asyncio.get_running_loop().call_soon(self.flush)  # after every callback ready now: the turn's end
+        self._waiting.append(writer)
+
+    def flush(self) -> None:
+        """Write every waiting record now."""
+        waiting, self._waiting = self._waiting, []
+        for writer in waiting:
+            writer.flush()
+
+
 class PartWriter:
     """Appends one shard's records to its part file, each reaching the operating system at once
-    (or, with ``coalesce``, at the end of the event loop's turn and before the next request is sent)."""
+    (or, given a ``TurnWrites``, at the end of the event loop's turn, and before any request is sent)."""
 
-    def __init__(self, path: str, coalesce: bool = False) -> None:
+    def __init__(self, path: str, turn: Optional[TurnWrites] = None) -> None:
         """Open (create or append to) the part file at ``path``, cutting off a torn last record.
 
         Args:
             path: the part file.
-            coalesce: join the records of one turn of the running event loop into one write.
+            turn: join the records of one turn of the running event loop into one write, made by ``turn``.
         """
         self.path = path
         _cut_torn_tail(path)
         self._handle: Optional[IO[bytes]] = open(path, "ab", buffering=0)
-        self._loop = asyncio.get_running_loop() if coalesce else None
+        self._turn = turn
         self._pending: List[bytes] = []
-        self._flush_scheduled = False
 
     def __enter__(self) -> "PartWriter":
         return self
@@ -171,10 +195,9 @@ class PartWriter:
         self.close()
 
     def write_sent(self, line_index: int, digest: str) -> None:
-        """Record that a row's request is about to be sent for the first time (written at once, with
-        any records still waiting: nothing is sent before the answers that came first are on disk)."""
+        """Record that a row's request is about to be sent for the first time (the sender flushes the
+        turn's records before it sends)."""
         self._write(line_index, b"s", digest, b"")
-        self.flush()
 
     def write_result(self, line_index: int, digest: str, output_line: bytes, answered: bool = True) -> None:
         """Record a request's final output line (UTF-8 JSON, without a newline).
@@ -197,9 +220,8 @@ class PartWriter:
         self._write(lines_read, b"E", NO_DIGEST, b"%d" % rows)
 
     def flush(self) -> None:
-        """Write the records waiting for the end of the loop's turn (a coalescing writer's)."""
-        if self._pending:
-            assert self._handle is not None
+        """Write the records waiting for the end of the loop's turn."""
+        if self._pending and self._handle is not None:
             data = memoryview(b"".join(self._pending))
             self._pending.clear()
             while data:  # an unbuffered write may take only part of a long buffer
@@ -214,21 +236,15 @@ class PartWriter:
             self._handle = None
 
     def _write(self, index: int, kind: bytes, digest: str, payload: bytes) -> None:
-        """Append one record: in one write, or with a coalescing writer, in this turn's write."""
+        """Append one record: in one write, or, given a ``TurnWrites``, in this turn's write."""
         assert self._handle is not None
         record = b"%d\t%b\t%b\t%b\n" % (index, kind, digest.encode("ascii"), payload)
-        if self._loop is None:
+        if self._turn is None:
             self._handle.write(record)
             return
+        if not self._pending:
+            self._turn.note(self)
         self._pending.append(record)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush_at_turn_end)  # after every callback ready now: the end of this turn
-
-    def _flush_at_turn_end(self) -> None:
-        self._flush_scheduled = False
-        if self._handle is not None:
-            self.flush()
 
 
 def assemble_output(save_path: str, parts: Sequence[PartInfo], shape: RequestShape, source_name: str,
