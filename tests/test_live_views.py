@@ -208,9 +208,13 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130_and_json_still_parses(api_s
     source = write_jsonl(tmp_path / "in.jsonl", _rows(300))
     status, stdout = str(tmp_path / "status"), str(tmp_path / "stdout.json")
     arguments = ["--requests_filepath", source, "--request_url", f"{server.url}/v1/chat/completions", "--json"]
+    started = str(tmp_path / "started")
     line = _command(prefect_api_url, tmp_path, arguments).replace(" --json", " --json > " + shlex.quote(stdout))
-    terminal = Terminal("pr-early-c", line + f"; echo exit=$? > {shlex.quote(status)}")
+    terminal = Terminal("pr-early-c", f"touch {shlex.quote(started)} && {line}; echo exit=$? > {shlex.quote(status)}")
     try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(started) and time.monotonic() < deadline:  # the shell runs the command now
+            time.sleep(0.05)  # (a Ctrl-C before that would reach a shell still starting, and be lost)
         time.sleep(1.0)  # Prefect and the flow are still being imported
         terminal.keys("C-c")
         deadline = time.monotonic() + 30
