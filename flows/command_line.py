@@ -354,7 +354,7 @@ def format_cli_summary(summary: Dict[str, Any]) -> str:
         f"  {totals['requests_sent']:,} HTTP requests, {totals['retries']:,} retries, "
         f"{totals['rate_limited']:,} answered 429, {totals['resent_requests']:,} sent again after an interruption; "
         f"{rate:,.0f} requests/min sustained{against}\n"
-        f"  tokens estimated {totals['tokens_estimated']:,}; used "
+        f"  tokens estimated {totals['tokens_estimated']:,} (while a token limit or budget needed it); used "
         f"{totals['prompt_tokens_used'] + totals['completion_tokens_used']:,}; cost ${totals['cost_usd']:,.4f}\n"
         + "".join(f"  {'time waiting for the limiter' if model == 'limiter wait' else f'latency {model}'}: p50 {_ms(values['p50'])}, p90 {_ms(values['p90'])}, p99 {_ms(values['p99'])}"
                   f" ({values['count']:,})\n" for model, values in (summary.get("latency") or {}).items())

@@ -58,6 +58,13 @@ class Terminal:
         subprocess.run(["tmux", "kill-session", "-t", self.name], stderr=subprocess.DEVNULL)
 
 
+def _wait_for_file(path: str, seconds: float) -> None:
+    """Return once ``path`` exists, or after ``seconds`` (the caller's asserts then tell what is missing)."""
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _command(prefect_api_url: str, tmp_path: Any, arguments: List[str], status_file: Optional[str] = None) -> str:
     env = {"PREFECT_API_URL": prefect_api_url, "PREFECT_HOME": str(tmp_path / "home"), "OPENAI_API_KEY": "sk-live-test",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TERM": "xterm-256color"}
@@ -117,9 +124,7 @@ def test_ctrl_c_in_a_terminal_says_what_was_kept_and_how_to_resume(api_server, t
         terminal.keys("C-c")
         found = terminal.wait_for(r"interrupted; the ([\d,]+) rows this run finished are kept.*?run the same command "
                                   r"again to continue", 30)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(status) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _wait_for_file(status, 20)
         screen = terminal.screen()
     finally:
         terminal.close()
@@ -212,14 +217,11 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130_and_json_still_parses(api_s
     line = _command(prefect_api_url, tmp_path, arguments).replace(" --json", " --json > " + shlex.quote(stdout))
     terminal = Terminal("pr-early-c", f"touch {shlex.quote(started)} && {line}; echo exit=$? > {shlex.quote(status)}")
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(started) and time.monotonic() < deadline:  # the shell runs the command now
-            time.sleep(0.05)  # (a Ctrl-C before that would reach a shell still starting, and be lost)
+        # Once the shell runs the command: a Ctrl-C before that would reach a shell still starting, and be lost.
+        _wait_for_file(started, 30)
         time.sleep(1.0)  # Prefect and the flow are still being imported
         terminal.keys("C-c")
-        deadline = time.monotonic() + 30
-        while not os.path.exists(status) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _wait_for_file(status, 30)
         screen = terminal.screen()
     finally:
         terminal.close()

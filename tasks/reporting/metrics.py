@@ -292,7 +292,7 @@ class RunSummary:
             f"| retries | {totals.retries:,} |",
             f"| sustained rate | {totals.requests_per_minute:,.0f} requests/min"
             f"{_against(totals.requests_per_minute, self.max_requests_per_minute)} |",
-            f"| tokens estimated | {totals.tokens_estimated:,} |",
+            f"| tokens estimated (while a token limit or budget needed it) | {totals.tokens_estimated:,} |",
             f"| tokens used (prompt + completion) | {totals.prompt_tokens_used:,} + {totals.completion_tokens_used:,} |",
             f"| cost (from usage) | ${totals.cost_usd:,.4f}"
             f"{f' (+ {totals.unpriced_requests:,} requests of models with no price)' if totals.unpriced_requests else ''} |",

@@ -1,7 +1,7 @@
 """Results: one part file per shard, then one output (file or URI) in input order, verified and written atomically.
 
-While a shard runs, records are appended to the shard's part file, unbuffered, in the order
-they happen, each tagged with the row's index inside the shard and its identity digest
+While a shard runs, records are appended to the shard's part file (unbuffered: see below when
+each reaches the operating system) in the order they happen, each tagged with the row's index inside the shard and its identity digest
 (``tasks.requests.row_identity``):
 
     <line_index> TAB s TAB <digest> TAB                    the request is about to be sent
@@ -15,14 +15,15 @@ they happen, each tagged with the row's index inside the shard and its identity 
     <lines_read> TAB E TAB - TAB <rows>                    the shard read every line; <rows> non-blank
 
 Memory stays flat however long the input is: nothing waits in memory for the rows before it.
-Every record reaches the operating system as it is written, so a killed process loses no
-finished row. The shards of one process share a ``TurnWrites``: each shard's records of one
-event-loop turn go into one write, made at the end of that turn, and every sender calls
+The shards of one process share a ``TurnWrites``: each shard's records of one event-loop turn
+go to the operating system in one write, made at the end of that turn, and every sender calls
 ``TurnWrites.flush()`` before each attempt it sends. A request therefore goes out only once every
-answer that came before it, in any shard, is on disk, and a kill still loses only what was in flight. ``read_part_state()`` tells a resumed shard which rows are done, and how many
-were sent but never answered (they will be sent again). A record torn by a kill is cut off
-when the part is reopened; a damaged record anywhere else is skipped (its row is sent again
-rather than the shard failing on every rerun). The last final record of a row wins.
+answer that came before it, in any shard, is on disk, so a killed process loses only what was in
+flight. (A writer given no ``TurnWrites`` writes each record at once.) ``read_part_state()``
+tells a resumed shard which rows are done, and how many were sent but never answered (they
+will be sent again). A record torn by a kill is cut off when the part is reopened; a damaged
+record anywhere else is skipped (its row is sent again rather than the shard failing on every
+rerun). The last final record of a row wins.
 
 At the end, ``assemble_output()`` reads each part. It builds an index from row number to byte
 offset (8 bytes a row), checks that every non-blank line has its record when the job is to be
