@@ -53,7 +53,7 @@ async def drive(pool: Any, seconds: float, concurrency: int, request_seconds: fl
         nonlocal done
         while time.monotonic() < deadline:
             if lane.try_take_buckets(10):
-                await lane.take_slot()
+                await pool.take_slot()
             else:
                 await lane.acquire(10)
             grant_times.append(time.monotonic())

@@ -2,6 +2,7 @@
 
 # Standard library imports
 import asyncio
+import gc
 import json
 import math
 import os
@@ -51,11 +52,14 @@ async def test_cookbook_file_every_row_once_in_order_with_artifacts(prefect_api_
     server = api_server(requests_per_minute=12_000, fault_rate=0.05, api_key=KEY, seed=5)
     rows = _cookbook_rows(300)
     source = write_jsonl(tmp_path / "requests.jsonl", rows)
+    collector = gc.get_threshold()
     state, summary = await _run(
         requests_filepath=source, request_url=f"{server.url}/v1/chat/completions", max_requests_per_minute=12_000,
         max_tokens_per_minute=2_000_000, shards=4, retry_base_seconds=0.05, api_key_env_var="TEST_FLOW_KEY",
     )
     assert state.is_completed(), state.message
+    # The shards ran with a rarer cycle collector; the process's own setting is back afterwards.
+    assert gc.get_threshold() == collector and gc.get_freeze_count() == 0
     results = read_jsonl(tmp_path / "requests_results.jsonl")
     non_blank = [row for row in rows if row != ""]
     assert len(results) == len(non_blank) == 299

@@ -74,7 +74,7 @@ class Outcome(enum.Enum):
     STOP = "stop"
 
 
-@dataclass
+@dataclass(slots=True)
 class ApiResult:
     """One attempt's answer, decided.
 

@@ -69,7 +69,7 @@ LOGGER = logging.getLogger(__name__)
 # The longest a bucket is paused for what the server says (a reset or a Retry-After).
 MAX_PAUSE_SECONDS = 120.0
 
-__all__ = ["Lane", "RateLimiter", "RateLimiterPool", "RequestLane", "RequestNeverFits", "TokenBucket"]
+__all__ = ["InFlightSlots", "Lane", "RateLimiter", "RateLimiterPool", "RequestLane", "RequestNeverFits", "TokenBucket"]
 
 
 @dataclass
@@ -355,12 +355,61 @@ class RateLimiter:
         self._dispatch()
 
 
+class InFlightSlots:
+    """The run's cap on requests awaiting an answer, shared by every lane: slots handed out first in, first out.
+
+    Usage:
+        >>> slots = InFlightSlots(200)
+        >>> if not slots.try_take():
+        ...     await slots.take()
+        >>> slots.release()
+    """
+
+    def __init__(self, limit: int) -> None:
+        """
+        Args:
+            limit: how many slots there are.
+        """
+        self.limit = limit
+        self.held = 0
+        self._waiters: Deque["asyncio.Future[None]"] = collections.deque()
+
+    def try_take(self) -> bool:
+        """Take a slot now if one is free and nobody waits for one; never waits."""
+        if self._waiters or self.held >= self.limit:
+            return False
+        self.held += 1
+        return True
+
+    async def take(self) -> None:
+        """Wait, first in first out, for a slot."""
+        if self.try_take():
+            return
+        future: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # granted in the same instant as cancelled: give it back
+                self.release()
+            raise
+
+    def release(self) -> None:
+        """Give a slot back; the longest waiter gets it."""
+        self.held -= 1
+        while self._waiters and self.held < self.limit:
+            future = self._waiters.popleft()
+            if not future.done():  # (a cancelled waiter is passed over)
+                self.held += 1
+                future.set_result(None)
+
+
 @dataclass
 class RequestLane:
     """One request's way through the engine: its model's buckets, then a shared in-flight slot."""
 
     buckets: RateLimiter
-    in_flight: RateLimiter
+    in_flight: InFlightSlots
 
     async def acquire(self, tokens: float) -> None:
         """Wait for the model's buckets, then for a shared in-flight slot (raises RequestNeverFits at once).
@@ -370,7 +419,7 @@ class RequestLane:
         """
         await self.buckets.acquire(tokens)
         try:
-            await self.in_flight.acquire(0)
+            await self.in_flight.take()
         except BaseException:
             self.buckets.release(tokens)
             raise
@@ -378,13 +427,9 @@ class RequestLane:
     def try_take_buckets(self, tokens: float) -> bool:
         """Take the model's bucket capacity now if it is there; never waits (raises RequestNeverFits at once).
 
-        A caller that got True must then ``await take_slot()``.
+        True means the request goes on the in-flight slot its caller already holds (``RateLimiterPool.take_slot``).
         """
         return self.buckets.try_acquire(tokens)
-
-    async def take_slot(self) -> None:
-        """Wait for a shared in-flight slot, after ``try_take_buckets`` said True."""
-        await self.in_flight.acquire(0)
 
     def learned_limit(self, scope: str) -> Optional[float]:
         """The limit the server said for ``scope`` ("requests" or "tokens"), if any."""
@@ -428,10 +473,7 @@ class Lane(Protocol):
         """Wait for the request's capacity and in-flight slot (raises RequestNeverFits at once)."""
 
     def try_take_buckets(self, tokens: float) -> bool:
-        """Take the capacity now if it is there; never waits. True must be followed by ``take_slot``."""
-
-    async def take_slot(self) -> None:
-        """Wait for an in-flight slot after ``try_take_buckets`` said True."""
+        """Take the capacity now if it is there; never waits. True: the request goes on the caller's pool slot."""
 
     def release(self, tokens: float = 0.0) -> None:
         """Give back the request's in-flight slot once its answer has arrived."""
@@ -505,10 +547,10 @@ class RateLimiterPool:
     target_utilization: float = 0.98
     learn_limits: bool = False
     _lanes: Dict[Tuple[str, str], Lane] = field(default_factory=dict, init=False, repr=False)
-    _in_flight: Optional[RateLimiter] = field(default=None, init=False, repr=False)
+    _in_flight: InFlightSlots = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._in_flight = RateLimiter(None, None, self.max_in_flight)
+        self._in_flight = InFlightSlots(self.max_in_flight)
         for model, limits in self.model_limits.items():  # reject bad limits at once, naming the model
             try:
                 RateLimiter(limits.get("requests_per_minute"), limits.get("tokens_per_minute"), self.max_in_flight)
@@ -529,9 +571,26 @@ class RateLimiterPool:
                 max_in_flight=10**9, burst_seconds=self.burst_seconds,
                 target_utilization=self.target_utilization, learn_limits=self.learn_limits,
             )
-            assert self._in_flight is not None
             lane = self._lanes[key] = RequestLane(buckets, self._in_flight)
         return lane
+
+    def try_take_slot(self) -> bool:
+        """Take a shared in-flight slot now if one is free and nobody waits for one; never waits."""
+        return self._in_flight.try_take()
+
+    async def take_slot(self) -> None:
+        """Wait, first in first out with every lane's requests, for a shared in-flight slot."""
+        await self._in_flight.take()
+
+    def release_slot(self) -> None:
+        """Give back a slot taken with ``take_slot`` or ``try_take_slot`` (a request sent on it gives it back
+        with its lane's ``release``)."""
+        self._in_flight.release()
+
+    @property
+    def free_slots(self) -> int:
+        """How many shared in-flight slots nobody holds."""
+        return self._in_flight.limit - self._in_flight.held
 
     @property
     def lanes(self) -> Dict[Tuple[str, str], Lane]:

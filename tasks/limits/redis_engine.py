@@ -177,12 +177,10 @@ class RedisLane:
     # The lane interface the shard worker uses (tasks.limits.rate_limiter.Lane).
 
     def try_take_buckets(self, tokens: float) -> bool:
-        """Never serves at once (capacity lives in Redis); raises RequestNeverFits for a request that can never fit."""
+        """Never serves at once (capacity and the shared in-flight slots live in Redis: ``acquire`` takes both);
+        raises RequestNeverFits for a request that can never fit."""
         check_fits(tokens, self.token_limit)
         return False
-
-    async def take_slot(self) -> None:
-        """Nothing to do: ``acquire`` takes the shared in-flight slot with the buckets."""
 
     async def acquire(self, tokens: float) -> None:
         """Wait, first in first out in this process, for a shared reservation of one request and ``tokens``.

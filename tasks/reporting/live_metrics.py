@@ -12,8 +12,7 @@ Prefect dashboard (``timeline_markdown``), updated at most every 30 s.
 Usage:
     >>> live = LiveMetrics()
     >>> live.sent()
-    >>> live.answered("gpt-4o-mini", seconds=0.42)
-    >>> live.used(tokens=180, cost_usd=0.0001)
+    >>> live.answered("gpt-4o-mini", seconds=0.42, tokens=180, cost_usd=0.0001)
     >>> live.latency_summary()      # {"gpt-4o-mini": {"p50": 0.42, "p90": 0.42, "p99": 0.42, "answers": 1}}
     >>> print(timeline_markdown(live))
 """
@@ -129,6 +128,7 @@ class LiveMetrics:
     interval_seconds: float = INTERVAL_SECONDS
     limit_probe: Optional[Callable[[], Tuple[Optional[float], Optional[float]]]] = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _current_end: float = field(default=-math.inf, repr=False)  # when the latest interval ends
 
     @property
     def in_flight(self) -> int:
@@ -141,12 +141,18 @@ class LiveMetrics:
             self.totals.sent += 1
             self._now_interval().sent += 1
 
-    def answered(self, model: Optional[str], seconds: float, rate_limited: bool = False) -> None:
-        """A request's answer (or failure to get one) came back after ``seconds``."""
+    def answered(self, model: Optional[str], seconds: float, rate_limited: bool = False, tokens: int = 0,
+                 cost_usd: float = 0.0) -> None:
+        """A request's answer (or failure to get one) came back after ``seconds``, having used ``tokens`` that
+        cost ``cost_usd``."""
         with self._lock:
             interval = self._now_interval()
             self.totals.answered += 1
             interval.answered += 1
+            if tokens:
+                self.totals.tokens += tokens
+                interval.tokens += tokens
+            self.cost_usd += cost_usd
             if rate_limited:
                 self.totals.rate_limited += 1
                 interval.rate_limited += 1
@@ -155,15 +161,9 @@ class LiveMetrics:
                 histogram = self.latency_by_model.get(model or "-")
                 if histogram is None:
                     histogram = self.latency_by_model[model or "-"] = LatencyHistogram()
-                histogram.add_to_bucket(bucket)
-                interval.latency.add_to_bucket(bucket)
-
-    def used(self, tokens: int, cost_usd: float) -> None:
-        """An answer's usage: its tokens and cost."""
-        with self._lock:
-            self.totals.tokens += tokens
-            self._now_interval().tokens += tokens
-            self.cost_usd += cost_usd
+                for counted in (histogram, interval.latency):  # (add_to_bucket, without two calls per answer)
+                    counted.counts[bucket] = counted.counts.get(bucket, 0) + 1
+                    counted.total += 1
 
     def retried(self) -> None:
         """A request is tried again."""
@@ -238,7 +238,7 @@ class LiveMetrics:
     def _now_interval(self) -> TimelineInterval:
         """The interval now falls in (made as time goes; the timeline halves its length when full)."""
         now = time.time()
-        if self.intervals and now < self.intervals[-1].start + self.intervals[-1].seconds:
+        if now < self._current_end:
             return self.intervals[-1]
         start = self.intervals[-1].start + self.intervals[-1].seconds if self.intervals else self.started_at
         if now - start >= self.interval_seconds:  # skip quiet intervals in one step
@@ -255,6 +255,7 @@ class LiveMetrics:
                 merged.append(self.intervals[-1])
             self.intervals = merged
             self.interval_seconds *= 2
+        self._current_end = self.intervals[-1].start + self.intervals[-1].seconds
         return self.intervals[-1]
 
 

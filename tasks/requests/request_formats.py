@@ -42,7 +42,7 @@ import enum
 import functools
 import urllib.parse
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 # Local application imports
@@ -61,6 +61,8 @@ RESPONSES_ONLY_FIELDS = frozenset({"instructions", "max_output_tokens", "reasoni
 # Embedding models whose names do not say "embed".
 EMBEDDING_MODEL_PREFIXES = ("bge-", "e5-", "gte-", "all-minilm", "text-similarity", "text-search")
 WHOLE_NUMBER_FIELDS = {"max_tokens": 0, "max_completion_tokens": 0, "max_output_tokens": 0, "n": 1, "best_of": 1}
+# Every body field ``body_problem`` checks.
+_CHECKED_FIELDS = frozenset({"model", *WHOLE_NUMBER_FIELDS, "messages", "input", "prompt", "stream", "background"})
 
 
 class RequestShape(enum.Enum):
@@ -70,7 +72,7 @@ class RequestShape(enum.Enum):
     BATCH = "batch"
 
 
-@dataclass
+@dataclass(slots=True)
 class ParsedRequest:
     """One valid request line, ready to send.
 
@@ -83,6 +85,8 @@ class ParsedRequest:
         metadata: the cookbook line's metadata (never sent), or None.
         custom_id: the batch line's custom_id, or None.
         digest: the request's identity digest (``tasks.requests.row_identity``).
+        endpoint: "chat", "completions", "embeddings" or "responses" (``endpoint_of``; told when not given).
+        model: the body's model (validated to be a string or absent).
     """
 
     line_index: int
@@ -93,20 +97,15 @@ class ParsedRequest:
     metadata: Any = None
     custom_id: Optional[str] = None
     digest: str = ""
+    endpoint: str = ""
+    model: Optional[str] = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if not self.digest:
             self.digest = request_digest(self.method, self.url, self.body)
-
-    @functools.cached_property
-    def endpoint(self) -> str:
-        """The endpoint: "chat", "completions", "embeddings" or "responses" (``endpoint_of``)."""
-        return endpoint_of(self.url, self.body)
-
-    @property
-    def model(self) -> Optional[str]:
-        """The body's model (validated to be a string or absent)."""
-        return self.body.get("model")
+        if not self.endpoint:
+            self.endpoint = endpoint_of(self.url, self.body)
+        self.model = self.body.get("model")
 
 
 @dataclass
@@ -176,12 +175,13 @@ def parse_line(raw: bytes, shape: RequestShape, request_url: str, line_index: in
         return _parse_batch_line(value, raw, request_url, line_index)
     had_metadata = "metadata" in value
     metadata = value.pop("metadata", None)
-    problem = body_problem(value, endpoint_of(request_url, value))
+    endpoint = endpoint_of(request_url, value)
+    problem = body_problem(value, endpoint)
     if problem:
         return InvalidLine(line_index, problem, raw.decode("utf-8", "replace"))
     # Without metadata the line itself is the body: send its bytes, with no second serialisation.
     payload = fast_json.dumps(value) if had_metadata else raw
-    return ParsedRequest(line_index, request_url, "POST", value, payload, metadata=metadata)
+    return ParsedRequest(line_index, request_url, "POST", value, payload, metadata=metadata, endpoint=endpoint)
 
 
 def format_result(request: ParsedRequest, shape: RequestShape, status: Optional[int], body: Any,
@@ -239,14 +239,18 @@ def body_problem(body: Dict[str, Any], endpoint: Optional[str] = None) -> Option
         body: the JSON body.
         endpoint: the endpoint (``endpoint_of``); None tells it from the body.
     """
+    present = _CHECKED_FIELDS.intersection(body)  # most bodies hold two or three of them: check only those
+    if not present:
+        return None
     endpoint = endpoint or endpoint_of_body(body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         return f"model must be a string, got {_type_name(model)}"
-    for name, smallest in WHOLE_NUMBER_FIELDS.items():
-        value = body.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < smallest):
-            return f"{name} must be a whole number of at least {smallest}, got {_short(value)}"
+    if not present.isdisjoint(WHOLE_NUMBER_FIELDS):
+        for name, smallest in WHOLE_NUMBER_FIELDS.items():
+            value = body.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < smallest):
+                return f"{name} must be a whole number of at least {smallest}, got {_short(value)}"
     messages = body.get("messages")
     if messages is not None and (not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages)):
         return "messages must be a list of objects"
@@ -361,10 +365,12 @@ def _parse_batch_line(value: Dict[str, Any], raw: bytes, request_url: str, line_
         target = join_batch_url(request_url, url)
     except ValueError as error:
         return InvalidLine(line_index, str(error), text, custom_id)
-    problem = body_problem(body, endpoint_of(target, body))
+    endpoint = endpoint_of(target, body)
+    problem = body_problem(body, endpoint)
     if problem:
         return InvalidLine(line_index, problem, text, custom_id)
-    return ParsedRequest(line_index, target, "POST", body, fast_json.dumps(body), custom_id=custom_id)
+    return ParsedRequest(line_index, target, "POST", body, fast_json.dumps(body), custom_id=custom_id,
+                         endpoint=endpoint)
 
 
 def _batch_path_problem(path: str) -> Optional[str]:

@@ -21,8 +21,7 @@ Usage:
 # Standard library imports
 import asyncio
 import time
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 # Local application imports
 from tasks.api.api_client import ApiResult, Outcome, backoff_seconds
@@ -38,8 +37,7 @@ from tasks.shards.run_state import RunContext
 MAX_RATE_LIMIT_WAITS = 50
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(NamedTuple):
     """The tokens an answer says it used (0 where it does not say).
 
     Chat, completions and embeddings report ``prompt_tokens``/``completion_tokens``; the Responses
@@ -57,11 +55,15 @@ class Usage:
     @classmethod
     def of(cls, body: Any) -> Optional["Usage"]:
         """The usage of an answer's body, or None when it reports none."""
-        usage = body.get("usage") if isinstance(body, dict) else None
-        if not isinstance(usage, dict):
+        usage = body.get("usage") if type(body) is dict else None
+        if type(usage) is not dict:
             return None
-        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-        completion = usage.get("completion_tokens", usage.get("output_tokens"))
+        prompt = usage.get("prompt_tokens")
+        if prompt is None:
+            prompt = usage.get("input_tokens")
+        completion = usage.get("completion_tokens")
+        if completion is None:
+            completion = usage.get("output_tokens")
         prompt = prompt if isinstance(prompt, int) else 0
         completion = completion if isinstance(completion, int) else 0
         total = usage.get("total_tokens")
@@ -88,7 +90,6 @@ class RequestSender:
                 lane.release(tokens)
                 self.tracker.not_sent += 1
                 return
-            self.recorder.sent(request)
             spent = await self._attempts(request, lane, tokens, line_bytes)
         except Exception as error:  # a bug must cost one row, never the shard
             self.logger.exception("%s line +%d: unexpected error", self.label, request.line_index)
@@ -98,78 +99,92 @@ class RequestSender:
             self.context.budget.settle(reserved_usd, spent)  # its own cost, whatever else finished meanwhile
 
     async def _attempts(self, request: ParsedRequest, lane: Lane, tokens: int, line_bytes: int) -> float:
-        """Try the request until it is settled; return what its answer cost."""
+        """Note the row as sent, try its request until it is settled; return what its answer cost.
+
+        The capacity the request holds goes back whatever happens (with its answer, or on an error before).
+        """
         context, tracker = self.context, self.tracker
         live = context.progress.live
         errors = []
         failed_attempts = rate_limit_waits = 0
         holds_capacity = True
-        while True:
-            if not holds_capacity:
+        try:
+            self.recorder.sent(request)
+            while True:
+                if not holds_capacity:
+                    try:
+                        capacity = await self._capacity_again(lane, tokens)
+                    except RequestNeverFits as error:  # the limit learned meanwhile is below this request
+                        tracker.failed_too_large += 1
+                        self.recorder.record(request, line_bytes,
+                                             RowResult.local_error("request_too_large", str(error)))
+                        return 0.0
+                    if not capacity:
+                        tracker.not_sent += 1
+                        return 0.0
+                    holds_capacity = True
+                # Every answer so far, and this row's "sent" record, on disk before it leaves.
+                context.turn_writes.flush()
+                tracker.note_request_sent()
+                live.sent()
+                started = time.monotonic()
                 try:
-                    capacity = await self._capacity_again(lane, tokens)
-                except RequestNeverFits as error:  # the limit learned meanwhile is below this request
-                    tracker.failed_too_large += 1
-                    self.recorder.record(request, line_bytes, RowResult.local_error("request_too_large", str(error)))
-                    return 0.0
-                if not capacity:
+                    result = await context.client.send(request.method, request.url, request.payload)
+                finally:
+                    lane.release(tokens)
+                    holds_capacity = False
+                seconds = time.monotonic() - started
+                tracker.note_response()
+                if result.status is not None:  # follow the server's rate-limit headers, and whether it was a 429
+                    lane.observe(result.limits, result.outcome is Outcome.RATE_LIMITED)
+                if result.outcome is Outcome.SUCCESS:
+                    return self._succeeded(request, line_bytes, result, seconds)
+                live.answered(request.model, seconds, result.outcome is Outcome.RATE_LIMITED)
+                errors.append(result.error or "unknown error")
+                context.errors.note(result.error or "unknown error")
+                if result.outcome is Outcome.STOP:
+                    context.stop.stop(result.error or "stopped")
+                    self.logger.error("Stopping the run: %s (%s line +%d)", result.error, self.label,
+                                      request.line_index)
                     tracker.not_sent += 1
                     return 0.0
-            context.turn_writes.flush()  # every answer so far, and this row's "sent" record, on disk before it leaves
-            tracker.note_request_sent()
-            live.sent()
-            started = time.monotonic()
-            try:
-                result = await context.client.send(request.method, request.url, request.payload)
-            finally:
+                wait = None
+                if result.outcome is Outcome.RATE_LIMITED:
+                    tracker.rate_limited += 1
+                    rate_limit_waits += 1
+                    exhausted = lane.budget_exhausted()
+                    if exhausted:  # a daily budget, not a rate: stop like insufficient_quota, results kept
+                        if not context.stop.stopped:
+                            self.logger.error("Stopping the run: %s", exhausted)
+                        context.stop.stop(exhausted)
+                        tracker.not_sent += 1
+                        return 0.0
+                    scope = result.rate_limit_scope
+                    lane.slow_down(requests=scope != "tokens", tokens=scope != "requests", wait=result.retry_after)
+                    if rate_limit_waits <= MAX_RATE_LIMIT_WAITS:
+                        wait = (result.retry_after if result.retry_after is not None
+                                else backoff_seconds(rate_limit_waits, 1.0))
+                        tracker.note_retry("rate_limited")
+                        live.retried()
+                elif result.outcome is Outcome.INVALID:
+                    tracker.failed_invalid_request += 1
+                    return self._failed(request, line_bytes, result, errors)
+                else:
+                    failed_attempts += 1
+                    if failed_attempts < context.settings.max_attempts:
+                        wait = max(result.retry_after or 0.0,
+                                   backoff_seconds(failed_attempts, context.settings.retry_base_seconds))
+                        tracker.note_retry(result.cause or "error")
+                        live.retried()
+                if wait is None:
+                    tracker.failed_after_retries += 1
+                    return self._failed(request, line_bytes, result, errors)
+                self.logger.debug("%s line +%d: %s, trying again in %.2f s", self.label, request.line_index,
+                                  result.error, wait)
+                await asyncio.sleep(wait)
+        finally:
+            if holds_capacity:  # an error before the request left (a full disk, a bug): its capacity goes back
                 lane.release(tokens)
-                holds_capacity = False
-            tracker.note_response()
-            live.answered(request.model, time.monotonic() - started, result.outcome is Outcome.RATE_LIMITED)
-            if result.status is not None:  # follow the server's rate-limit headers, and whether it was a 429
-                lane.observe(result.limits, result.outcome is Outcome.RATE_LIMITED)
-            if result.outcome is Outcome.SUCCESS:
-                return self._succeeded(request, lane, tokens, line_bytes, result)
-            errors.append(result.error or "unknown error")
-            context.errors.note(result.error or "unknown error")
-            if result.outcome is Outcome.STOP:
-                context.stop.stop(result.error or "stopped")
-                self.logger.error("Stopping the run: %s (%s line +%d)", result.error, self.label, request.line_index)
-                tracker.not_sent += 1
-                return 0.0
-            wait = None
-            if result.outcome is Outcome.RATE_LIMITED:
-                tracker.rate_limited += 1
-                rate_limit_waits += 1
-                exhausted = lane.budget_exhausted()
-                if exhausted:  # a daily budget, not a rate: stop like insufficient_quota, results kept
-                    if not context.stop.stopped:
-                        self.logger.error("Stopping the run: %s", exhausted)
-                    context.stop.stop(exhausted)
-                    tracker.not_sent += 1
-                    return 0.0
-                scope = result.rate_limit_scope
-                lane.slow_down(requests=scope != "tokens", tokens=scope != "requests", wait=result.retry_after)
-                if rate_limit_waits <= MAX_RATE_LIMIT_WAITS:
-                    wait = result.retry_after if result.retry_after is not None else backoff_seconds(rate_limit_waits, 1.0)
-                    tracker.note_retry("rate_limited")
-                    live.retried()
-            elif result.outcome is Outcome.INVALID:
-                tracker.failed_invalid_request += 1
-                return self._failed(request, line_bytes, result, errors)
-            else:
-                failed_attempts += 1
-                if failed_attempts < context.settings.max_attempts:
-                    wait = max(result.retry_after or 0.0,
-                               backoff_seconds(failed_attempts, context.settings.retry_base_seconds))
-                    tracker.note_retry(result.cause or "error")
-                    live.retried()
-            if wait is None:
-                tracker.failed_after_retries += 1
-                return self._failed(request, line_bytes, result, errors)
-            self.logger.debug("%s line +%d: %s, trying again in %.2f s", self.label, request.line_index, result.error,
-                              wait)
-            await asyncio.sleep(wait)
 
     async def _capacity_again(self, lane: Lane, tokens: int) -> bool:
         """Wait for capacity for another attempt; False when the run stopped (nothing is held then)."""
@@ -187,27 +202,30 @@ class RequestSender:
             return False
         return True
 
-    def _succeeded(self, request: ParsedRequest, lane: Lane, tokens: int, line_bytes: int, result: ApiResult) -> float:
-        """Count a success's usage, write it; return its cost.
+    def _succeeded(self, request: ParsedRequest, line_bytes: int, result: ApiResult, seconds: float) -> float:
+        """Count a success (answered after ``seconds``) and its usage, write it; return its cost.
 
         Nothing goes back to the token bucket when the answer used less than ``max_tokens``: servers count
         a request's prompt plus its ``max_tokens`` against the token limit when they admit it (OpenAI
         documents this), so a refund would run the engine above the limit.
         """
-        self.tracker.succeeded += 1
+        tracker = self.tracker
+        tracker.succeeded += 1
         usage = Usage.of(result.body)
         cost = 0.0
+        used = 0
         if usage is not None:
-            self.tracker.prompt_tokens_used += usage.prompt_tokens
-            self.tracker.completion_tokens_used += usage.completion_tokens
+            tracker.prompt_tokens_used += usage.prompt_tokens
+            tracker.completion_tokens_used += usage.completion_tokens
+            used = usage.prompt_tokens + usage.completion_tokens
             prices = self.context.budget.prices
             priced = prices.cost(request.model, usage.prompt_tokens, usage.completion_tokens) if prices else None
             if priced is None:
-                self.tracker.unpriced_requests += 1
+                tracker.unpriced_requests += 1
             else:
-                self.tracker.cost_usd += priced
+                tracker.cost_usd += priced
                 cost = priced
-            self.context.progress.live.used(usage.prompt_tokens + usage.completion_tokens, cost)
+        self.context.progress.live.answered(request.model, seconds, False, used, cost)
         self.recorder.record(request, line_bytes, RowResult.answer(result))
         return cost
 

@@ -25,7 +25,7 @@ from tasks.shards.sharding import ShardSpec
 from tasks.storage.results_storage import PartWriter
 
 
-@dataclass
+@dataclass(slots=True)
 class RowResult:
     """How one row ended.
 

@@ -9,12 +9,12 @@ For each line of its range, the task:
        record carries the row's digest); records an invalid line as that row's error (a warning
        names the file, shard, line and byte offset);
     2. estimates the request's tokens and reserves its most possible cost against the budget;
-    3. takes its model's bucket capacity at once when it can, waits for a shared in-flight slot,
-       and hands the row to one of the shard's senders: long-lived asyncio tasks, each sending
-       one row at a time (``tasks.shards.request_sender``), started as needed and at most one per
-       slot, so requests overlap up to the engine's in-flight cap. A row whose buckets are empty
-       gets a task of its own instead (at most 2,000 waiting across the run) that waits in its
-       model's lane, so a slow model never holds up a fast one.
+    3. takes its model's bucket capacity at once when it can and sends it on the shared in-flight
+       slot its sender holds. The shard's senders are long-lived asyncio tasks that each hold a
+       slot, read the next row and send it (``tasks.shards.request_sender``); one more is started
+       while slots are free, so requests overlap up to the engine's in-flight cap. A row whose
+       buckets are empty gets a task of its own instead (at most 2,000 waiting across the run)
+       that waits in its model's lane, so a slow model never holds up a fast one.
 
 Each row's final result is appended to the shard's part file as soon as it is known
 (``tasks.shards.row_results``). When it has read every line, the shard writes an end record
@@ -35,7 +35,7 @@ Usage (inside an async flow, with every shard awaited together):
 import asyncio
 import os
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 # Third-party imports
 from prefect import get_run_logger, task
@@ -105,7 +105,15 @@ async def process_shard(shard: ShardSpec, part_path: str, work_id: str, context:
 
 
 class ShardReader:
-    """Reads a shard's lines and starts each row: estimate, budget, capacity, then its sender."""
+    """Reads a shard's lines and starts each row: estimate, budget, capacity, then send.
+
+    The shard's senders read the lines themselves, one row at a time, as the Cookbook script's
+    loop and a bare aiohttp client do: a sender holds a shared in-flight slot, reads the next row
+    and, when its model's buckets serve it at once, sends it on that slot; once the answer is
+    written it takes a slot again (at once when nobody waits for one) and reads on. No row is
+    handed from task to task, so a row costs no wake-up of its own. A row whose buckets are empty
+    goes to a task of its own that waits in its model's lane (``_wait_then_send``).
+    """
 
     def __init__(self, shard: ShardSpec, context: RunContext, sender: RequestSender, done: Dict[int, str]) -> None:
         """
@@ -118,21 +126,100 @@ class ShardReader:
         self.shard, self.context, self.sender, self.done = shard, context, sender, done
         self.tracker: StatusTracker = sender.tracker
         self.recorder: ResultRecorder = sender.recorder
-        self._running: Set["asyncio.Task[None]"] = set()  # rows waiting in their lane, then sending
-        # Granted rows go to long-lived senders through this queue: a task per row cost more CPU than the
-        # rest of the row's handling at thousands of requests a second.
-        self._granted: "asyncio.Queue[Optional[Tuple[ParsedRequest, Lane, int, int, float]]]" = asyncio.Queue()
+        self._lines: Iterator[Tuple[int, int, bytes]] = iter_shard_lines(shard, context.transport_params)
+        self._read_all = False
         self._senders: List["asyncio.Task[None]"] = []
-        self._waiting_senders = 0
+        self._slot_waiters = 0  # the shard's senders waiting for a slot
+        self._waiting: Set["asyncio.Task[None]"] = set()  # rows waiting in their lane, then sending
 
     async def run(self) -> None:
         """Read the shard's lines and start them; return when every row is settled."""
+        errors: List[BaseException] = []
+        try:
+            try:
+                await self._send_rows()  # this task is the first sender; it starts more while slots are free
+            except Exception as error:  # reading failed: the other senders still finish what they sent
+                errors.append(error)
+            # No sender is started once every line is read (or reading failed); rows waiting in their lane start none.
+            while not all(job.done() for job in self._senders):
+                await asyncio.wait([job for job in self._senders if not job.done()])
+            outcomes = await asyncio.gather(*self._senders, return_exceptions=True)
+            while self._waiting:
+                await asyncio.gather(*list(self._waiting))
+        finally:
+            self._lines.close()  # type: ignore[attr-defined]
+        errors += [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if errors:
+            raise errors[0]
+        self.recorder.end(self.tracker.lines_read, self.tracker.rows)
+
+    async def _send_rows(self, first: bool = True) -> None:
+        """A sender: hold a slot, read the next row, send it on the slot; until every line is read.
+
+        Args:
+            first: the shard task's own sender, which goes on until every line is read. Another one
+                ends early when it would wait for a slot while one of the shard's senders already waits.
+        """
+        limiter = self.context.limiter
+        holds_slot = False
+        try:
+            while True:
+                if not holds_slot:
+                    if not limiter.try_take_slot():
+                        if self._slot_waiters and not first:
+                            return  # one sender of the shard waiting for a slot is enough: more would only take turns
+                        self._slot_waiters += 1
+                        try:
+                            await limiter.take_slot()
+                        finally:
+                            self._slot_waiters -= 1
+                    holds_slot = True
+                kind, row = self._next_row()
+                if kind is _GRANTED:
+                    assert row is not None
+                    if (limiter.free_slots > 0 and not self._slot_waiters and not self._read_all
+                            and len(self._senders) < limiter.max_in_flight):
+                        self._senders.append(asyncio.create_task(self._send_rows(first=False)))  # slots to spare
+                    holds_slot = False  # the request goes on this slot; its answer gives it back
+                    await self.sender.send(*row)
+                elif kind is _WAIT_IN_LANE:
+                    assert row is not None
+                    # The window bounds how many rows wait at once (and so the memory they take).
+                    if self.context.pending_window.locked():
+                        limiter.release_slot()  # never hold a slot while waiting for anything but an answer
+                        holds_slot = False
+                    await self.context.pending_window.acquire()
+                    job = asyncio.create_task(self._wait_then_send(*row))
+                    self._waiting.add(job)
+                    job.add_done_callback(self._waiting.discard)
+                elif kind is _PAUSE:  # many lines without a request: let the engine's timers and the answers run
+                    limiter.release_slot()
+                    holds_slot = False
+                    await asyncio.sleep(0)
+                else:
+                    return
+        finally:
+            if holds_slot:
+                limiter.release_slot()
+
+    def _next_row(self) -> Tuple[object, Optional[Tuple[ParsedRequest, Lane, int, int, float]]]:
+        """Read lines until one gives a row to send; settle the others (blank, done, invalid, unpriced) here.
+
+        Returns ``(_GRANTED, row)`` for a row its buckets serve now, ``(_WAIT_IN_LANE, row)`` for one that
+        must wait in its lane, ``(_PAUSE, None)`` after ``YIELD_EVERY_LINES`` lines without either, and
+        ``(_END, None)`` once every line is read.
+        """
         settings, tracker = self.context.settings, self.tracker
-        for line_index, offset, raw in iter_shard_lines(self.shard, self.context.transport_params):
+        for _ in range(YIELD_EVERY_LINES):
+            try:
+                line_index, offset, raw = next(self._lines)
+            except StopIteration:  # (also after another sender's read failed: that sender raises it)
+                self._read_all = True
+                return _END, None
+            except BaseException:
+                self._read_all = True
+                raise
             tracker.lines_read += 1
-            if tracker.lines_read % YIELD_EVERY_LINES == 0:
-                # Reading and estimating never wait, so let the engine's timers and the answers run.
-                await asyncio.sleep(0)
             if not raw.strip():
                 tracker.blank_lines += 1
                 self.recorder.skipped(len(raw))
@@ -152,69 +239,49 @@ class ShardReader:
                 self.recorder.invalid_line(parsed, offset, len(raw))
                 continue
             try:
-                await self._start_row(parsed, len(raw))
+                started = self._start_row(parsed, len(raw))
             except Exception as error:  # a bug must cost one row, never the shard
                 self.sender.logger.exception("%s line +%d: unexpected error", self.shard.label, line_index)
                 tracker.failed_after_retries += 1
                 self.recorder.record(parsed, len(raw), RowResult.internal_error(error, sent=False))
-        for _ in self._senders:
-            self._granted.put_nowait(None)  # each sender ends once the rows before it are sent
-        if self._running or self._senders:
-            await asyncio.gather(*list(self._running), *self._senders)
-        self.recorder.end(tracker.lines_read, tracker.rows)
+                continue
+            if started is not None:
+                return started
+        return _PAUSE, None
 
-    async def _start_row(self, request: ParsedRequest, line_bytes: int) -> None:
-        """Estimate, budget and queue one valid row (its send runs in a task of its own)."""
+    def _start_row(self, request: ParsedRequest,
+                   line_bytes: int) -> Optional[Tuple[object, Tuple[ParsedRequest, Lane, int, int, float]]]:
+        """Estimate, budget and take the buckets of one valid row; None when the row is settled here."""
         lane = self.context.limiter.lane_for(request.model, request.endpoint)
-        prompt_tokens, completion_tokens = self._estimate(request, lane)
-        tokens = prompt_tokens + completion_tokens
         budget = self.context.budget
-        try:
-            reserved_usd = budget.reserve(request.model, prompt_tokens,
-                                          budget_completion_tokens(request.body, request.endpoint, completion_tokens))
-        except Unpriceable as error:  # that row's error; the rest keep to the budget
-            self.tracker.failed_unpriced += 1
-            self.recorder.record(request, line_bytes, RowResult.local_error("unpriced_model", str(error)))
-            return
-        if reserved_usd is None:  # the budget cannot cover this request: read no more rows
-            self.context.stop.close_dispatch(budget.reached)
-            self.tracker.not_sent += 1
-            return
+        if budget.limit_usd is None and not lane.limits_tokens:  # nothing needs its tokens or its price
+            tokens, reserved_usd = 0, 0.0
+        else:
+            prompt_tokens, completion_tokens = self._estimate(request, lane)
+            tokens = prompt_tokens + completion_tokens
+            try:
+                reserved_usd = budget.reserve(request.model, prompt_tokens, budget_completion_tokens(
+                    request.body, request.endpoint, completion_tokens))
+            except Unpriceable as error:  # that row's error; the rest keep to the budget
+                self.tracker.failed_unpriced += 1
+                self.recorder.record(request, line_bytes, RowResult.local_error("unpriced_model", str(error)))
+                return None
+            if reserved_usd is None:  # the budget cannot cover this request: read no more rows
+                self.context.stop.close_dispatch(budget.reached)
+                self.tracker.not_sent += 1
+                return None
         try:
             ready = lane.try_take_buckets(tokens)
         except RequestNeverFits as error:
             self._too_large(request, line_bytes, reserved_usd, error)
-            return
-        if ready:
-            # Its model's buckets serve it now: wait here for a shared in-flight slot, then hand it to a sender.
-            await lane.take_slot()
-            self._granted.put_nowait((request, lane, tokens, line_bytes, reserved_usd))
-            if self._granted.qsize() > self._waiting_senders:  # no sender free for it: one more
-                # (each queued row and each sending one holds an in-flight slot, which bounds the senders)
-                self._senders.append(asyncio.create_task(self._send_granted()))
-            return
-        # It waits in its own model's lane, so a slow model never holds up a fast one;
-        # the window bounds how many wait at once (and so the memory they take).
-        await self.context.pending_window.acquire()
-        job = asyncio.create_task(self._wait_then_send(request, lane, tokens, line_bytes, reserved_usd))
-        self._running.add(job)
-        job.add_done_callback(self._running.discard)
-
-    async def _send_granted(self) -> None:
-        """A sender: send granted rows one after another until the shard's rows are all handed out."""
-        while True:
-            self._waiting_senders += 1
-            try:
-                granted = await self._granted.get()
-            finally:
-                self._waiting_senders -= 1
-            if granted is None:
-                return
-            await self.sender.send(*granted)
+            return None
+        # Served now: it goes on the sender's slot. Otherwise it waits in its own model's lane, so a slow
+        # model never holds up a fast one.
+        return (_GRANTED if ready else _WAIT_IN_LANE), (request, lane, tokens, line_bytes, reserved_usd)
 
     async def _wait_then_send(self, request: ParsedRequest, lane: Lane, tokens: int, line_bytes: int,
                               reserved_usd: float) -> None:
-        """Wait in the request's lane of the engine, then send it until it is settled."""
+        """Wait in the request's lane of the engine (its buckets, then a slot), then send it until it is settled."""
         try:
             started = time.monotonic()
             try:
@@ -249,6 +316,10 @@ class ShardReader:
             prompt, completion = len(request.payload) // 4, 0
         self.tracker.tokens_estimated += prompt + completion
         return prompt, completion
+
+
+# What ShardReader._next_row found.
+_GRANTED, _WAIT_IN_LANE, _PAUSE, _END = object(), object(), object(), object()
 
 
 def _shard_run_name() -> str:

@@ -158,18 +158,27 @@ class TurnWrites:
 
     def __init__(self) -> None:
         self._waiting: List["PartWriter"] = []
+        self._turn_end_set = False
 
     def note(self, writer: "PartWriter") -> None:
-        """``writer`` has its first waiting record of this turn: write it at the end of the turn."""
-        if not self._waiting:
-            asyncio.get_running_loop().call_soon(self.flush)  # after every callback ready now: the turn's end
+        """``writer`` has its first waiting record: it is written before the next request, at the latest at the
+        end of the loop's turn."""
+        if not self._turn_end_set:
+            asyncio.get_running_loop().call_soon(self._at_turn_end)  # after every callback ready now: the turn's end
+            self._turn_end_set = True
         self._waiting.append(writer)
 
     def flush(self) -> None:
         """Write every waiting record now."""
-        waiting, self._waiting = self._waiting, []
-        for writer in waiting:
-            writer.flush()
+        if self._waiting:
+            waiting, self._waiting = self._waiting, []
+            for writer in waiting:
+                writer.flush()
+
+    def _at_turn_end(self) -> None:
+        """The end of the loop's turn: write what waits."""
+        self._turn_end_set = False
+        self.flush()
 
 
 class PartWriter:

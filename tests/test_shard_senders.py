@@ -1,0 +1,124 @@
+"""The shards' senders against a real test server: slots shared first in first out, never above the cap, none lost.
+
+The shard reader runs here without Prefect (it is a plain class), over real sockets on 127.0.0.1,
+with the in-process engine, so that the engine's slot count can be watched while requests run.
+"""
+
+# Standard library imports
+import asyncio
+import logging
+import os
+from typing import Any, List, Tuple
+
+# Third-party imports
+import aiohttp
+
+# Local application imports
+from tasks.api.api_client import ApiClient
+from tasks.limits.rate_limiter import RateLimiterPool
+from tasks.reporting.metrics import RunProgress, StatusTracker
+from tasks.requests.request_formats import RequestShape
+from tasks.shards.request_sender import RequestSender
+from tasks.shards.row_results import ResultRecorder
+from tasks.shards.run_state import Budget, RunContext, RunSettings
+from tasks.shards.shard_task import ShardReader
+from tasks.shards.sharding import plan_shards
+from tasks.storage.results_storage import PartWriter, TurnWrites, read_part_state
+from tests.conftest import write_jsonl
+
+
+def _chat(i: int, model: str = "gpt-4o-mini") -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": f"row {i}"}], "max_tokens": 5}
+
+
+async def _run_shards(url: str, source: str, shards: int, engine: RateLimiterPool, tmp_path: Any,
+                      turn_writes: Any = None) -> Tuple[List[StatusTracker], List[str], List[int]]:
+    """Run every shard of ``source`` on one context; return the trackers, the part paths and the slots held,
+    sampled every millisecond while they ran."""
+    logger = logging.getLogger("test-shard-senders")
+    specs = plan_shards(source, shards)
+    progress = RunProgress(os.path.getsize(source))
+    held: List[int] = []
+    async with aiohttp.ClientSession() as session:
+        context = RunContext(RunSettings(url, RequestShape.COOKBOOK), engine, ApiClient(session, None, 30.0), None,
+                             progress, Budget())
+        if turn_writes is not None:
+            context.turn_writes = turn_writes
+        trackers: List[StatusTracker] = []
+        paths: List[str] = []
+        readers = []
+        writers = []
+        for spec in specs:
+            path = str(tmp_path / f"part-{spec.index}")
+            writer = PartWriter(path, context.turn_writes)
+            tracker = StatusTracker(shard=spec.index)
+            recorder = ResultRecorder(writer, RequestShape.COOKBOOK, progress, context.errors, logger, spec)
+            readers.append(ShardReader(spec, context, RequestSender(context, tracker, recorder, logger, spec.label), {}))
+            trackers.append(tracker)
+            paths.append(path)
+            writers.append(writer)
+
+        async def watch() -> None:
+            while True:
+                held.append(engine.max_in_flight - engine.free_slots)
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await asyncio.wait_for(asyncio.gather(*(reader.run() for reader in readers)), timeout=60)
+        finally:
+            watcher.cancel()
+            for writer in writers:
+                writer.close()
+    return trackers, paths, held
+
+
+async def test_one_shard_keeps_the_cap_full_and_never_goes_above_it(api_server, tmp_path) -> None:
+    server = api_server(latency_seconds=0.05)
+    source = write_jsonl(tmp_path / "rows.jsonl", [_chat(i) for i in range(300)])
+    engine = RateLimiterPool(float("inf"), float("inf"), max_in_flight=20)
+    trackers, paths, held = await _run_shards(f"{server.url}/v1/chat/completions", source, 1, engine, tmp_path)
+    assert trackers[0].succeeded == 300 and server.stats()["requests"] == 300
+    assert max(held) == 20  # requests overlap up to the cap...
+    assert engine.free_slots == 20  # ...and every slot came back
+    assert len(read_part_state(paths[0]).done) == 300
+
+
+async def test_shards_and_rows_waiting_in_a_lane_share_one_slot(api_server, tmp_path) -> None:
+    # One slot for four shards; every other row's model is held to 600 per minute, so its rows wait in their
+    # lane (and need the slot too) while the other model's rows are served at once on the senders' slot.
+    server = api_server(latency_seconds=0.002)
+    rows = [_chat(i, model="gpt-4o-mini" if i % 2 else "slow-model") for i in range(80)]
+    source = write_jsonl(tmp_path / "rows.jsonl", rows)
+    engine = RateLimiterPool(float("inf"), float("inf"), max_in_flight=1,
+                             model_limits={"slow-model": {"requests_per_minute": 600}})
+    trackers, paths, held = await _run_shards(f"{server.url}/v1/chat/completions", source, 4, engine, tmp_path)
+    assert sum(tracker.succeeded for tracker in trackers) == 80
+    assert max(held) == 1 and engine.free_slots == 1
+    assert sum(len(read_part_state(path).done) for path in paths) == 80
+
+
+class _FailsOnce(TurnWrites):
+    """A part store whose first flush before a request fails, as a full disk would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def flush(self) -> None:
+        if not self.failed:
+            self.failed = True
+            raise OSError(28, "No space left on device")
+        super().flush()
+
+
+async def test_an_error_before_a_request_leaves_costs_that_row_and_gives_its_slot_back(api_server, tmp_path) -> None:
+    server = api_server()
+    source = write_jsonl(tmp_path / "rows.jsonl", [_chat(i) for i in range(5)])
+    engine = RateLimiterPool(float("inf"), float("inf"), max_in_flight=1)
+    # With one slot, a slot kept by the failed row would leave the other four waiting for ever (a timeout here).
+    trackers, paths, _ = await _run_shards(f"{server.url}/v1/chat/completions", source, 1, engine, tmp_path,
+                                           turn_writes=_FailsOnce())
+    assert trackers[0].succeeded == 4 and trackers[0].failed_after_retries == 1
+    assert server.stats()["requests"] == 4
+    assert engine.free_slots == 1
