@@ -37,7 +37,12 @@ BAR_WIDTH = 24
 
 def bucket_of(seconds: float) -> int:
     """The latency bucket a duration falls in."""
-    return max(0, math.ceil(math.log(max(seconds, BUCKET_BASE_SECONDS) / BUCKET_BASE_SECONDS, BUCKET_GROWTH)))
+    if seconds <= BUCKET_BASE_SECONDS:
+        return 0
+    return math.ceil(math.log(seconds / BUCKET_BASE_SECONDS) / _LOG_BUCKET_GROWTH)
+
+
+_LOG_BUCKET_GROWTH = math.log(BUCKET_GROWTH)
 
 
 @dataclass

@@ -22,6 +22,7 @@ Pitfalls:
 """
 
 # Standard library imports
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -42,9 +43,15 @@ def request_digest(method: str, url: str, body: Any) -> str:
         canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     except TypeError:  # integers beyond 64 bits, lone surrogates: the standard library, all in escapes
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
-    hasher = hashlib.sha256(f"{method.upper()} {url}\n".encode("utf-8"))
+    hasher = _hasher_of(method, url).copy()
     hasher.update(canonical)
     return hasher.hexdigest()[:DIGEST_LENGTH]
+
+
+@functools.lru_cache(maxsize=256)  # a run has a few URLs, and digests every row
+def _hasher_of(method: str, url: str) -> Any:
+    """A hasher that has read a request's method and URL (copy it before use)."""
+    return hashlib.sha256(f"{method.upper()} {url}\n".encode("utf-8"))
 
 
 def is_digest(text: str) -> bool:

@@ -226,7 +226,8 @@ class ShardReader:
                 continue
             tracker.rows += 1
             parsed = parse_line(raw, settings.shape, settings.request_url, line_index)
-            if self.done.get(line_index) == (NO_DIGEST if isinstance(parsed, InvalidLine) else parsed.digest):
+            if self.done and self.done.get(line_index) == (NO_DIGEST if isinstance(parsed, InvalidLine)
+                                                           else parsed.digest):
                 # Done by an earlier run, for this very request (a record written for other content is not).
                 tracker.resumed_rows += 1
                 self.recorder.skipped(len(raw))
