@@ -12,7 +12,7 @@ Usage:
 
 # Standard library imports
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 # A float tolerance, so that a bucket refilled to 0.9999999999 of a request still serves it.
@@ -43,6 +43,10 @@ class TokenBucket:
     level: float = 0.0
     updated_at: float = 0.0
     paused_until: float = 0.0
+    unlimited: bool = field(init=False)  # True when this bucket never limits anything (an infinite rate)
+
+    def __post_init__(self) -> None:
+        self.unlimited = math.isinf(self.rate_per_second)
 
     @classmethod
     def per_minute(cls, limit_per_minute: Optional[float], burst_seconds: float, now: float) -> "TokenBucket":
@@ -69,11 +73,6 @@ class TokenBucket:
         # At least one whole unit fits, or a 30-per-minute limit could never serve anything.
         capacity = max(rate * burst_seconds, 1.0)
         return cls(rate_per_second=rate, capacity=capacity, level=0.0, updated_at=now)
-
-    @property
-    def unlimited(self) -> bool:
-        """True when this bucket never limits anything."""
-        return math.isinf(self.rate_per_second)
 
     def refill(self, now: float) -> None:
         """Add what has flowed in since the last refill (or the end of a pause), up to the capacity."""
@@ -103,9 +102,11 @@ class TokenBucket:
         self.refill(now)
         if math.isinf(limit_per_minute):
             self.rate_per_second = self.capacity = self.level = math.inf
+            self.unlimited = True
             self.updated_at = max(self.updated_at, now)
             return
         self.rate_per_second = limit_per_minute / 60.0
+        self.unlimited = False
         self.capacity = max(self.rate_per_second * burst_seconds, 1.0)
         self.level = min(self.level, self.capacity)
         self.updated_at = max(self.updated_at, now)

@@ -255,16 +255,19 @@ def body_problem(body: Dict[str, Any], endpoint: Optional[str] = None) -> Option
     if messages is not None and (not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages)):
         return "messages must be a list of objects"
     value = body.get("input")
-    if endpoint == "responses":
-        if value is not None and not isinstance(value, str) and not (
+    if value is None:
+        pass
+    elif endpoint == "responses":
+        if not isinstance(value, str) and not (
                 isinstance(value, list) and all(isinstance(item, (dict, str)) for item in value)):
             return f"input must be a string or a list of input items, got {_type_name(value)}"
-    elif value is not None and not _is_text_or_tokens(value):
+    elif not (isinstance(value, str) or _is_text_or_tokens(value)):
         return f"input must be a string, a list of strings, or token arrays, got {_type_name(value)}"
-    value = body.get("prompt")
-    if value is not None and not _is_text_or_tokens(value):
-        return f"prompt must be a string, a list of strings, or token arrays, got {_type_name(value)}"
-    if body.get("stream") is True:
+    if "prompt" in present:
+        value = body["prompt"]
+        if value is not None and not _is_text_or_tokens(value):
+            return f"prompt must be a string, a list of strings, or token arrays, got {_type_name(value)}"
+    if "stream" in present and body["stream"] is True:
         return "streamed answers are not supported: remove \"stream\": true"
     if endpoint == "responses" and body.get("background") is True:
         return "background responses are not supported (the answer would hold no output): remove \"background\": true"
