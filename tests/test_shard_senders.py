@@ -8,7 +8,7 @@ with the in-process engine, so that the engine's slot count can be watched while
 import asyncio
 import logging
 import os
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 # Third-party imports
 import aiohttp
@@ -32,16 +32,17 @@ def _chat(i: int, model: str = "gpt-4o-mini") -> dict:
 
 
 async def _run_shards(url: str, source: str, shards: int, engine: RateLimiterPool, tmp_path: Any,
-                      turn_writes: Any = None) -> Tuple[List[StatusTracker], List[str], List[int]]:
+                      turn_writes: Any = None,
+                      settings: Optional[RunSettings] = None) -> Tuple[List[StatusTracker], List[str], List[int]]:
     """Run every shard of ``source`` on one context; return the trackers, the part paths and the slots held,
-    sampled every millisecond while they ran."""
+    sampled every millisecond until every line was read."""
     logger = logging.getLogger("test-shard-senders")
     specs = plan_shards(source, shards)
     progress = RunProgress(os.path.getsize(source))
     held: List[int] = []
     async with aiohttp.ClientSession() as session:
-        context = RunContext(RunSettings(url, RequestShape.COOKBOOK), engine, ApiClient(session, None, 30.0), None,
-                             progress, Budget())
+        context = RunContext(settings or RunSettings(url, RequestShape.COOKBOOK), engine,
+                             ApiClient(session, None, 30.0), None, progress, Budget())
         if turn_writes is not None:
             context.turn_writes = turn_writes
         trackers: List[StatusTracker] = []
@@ -58,8 +59,10 @@ async def _run_shards(url: str, source: str, shards: int, engine: RateLimiterPoo
             paths.append(path)
             writers.append(writer)
 
+        lines = sum(1 for _ in open(source, "rb"))
+
         async def watch() -> None:
-            while True:
+            while sum(tracker.lines_read for tracker in trackers) < lines:
                 held.append(engine.max_in_flight - engine.free_slots)
                 await asyncio.sleep(0.001)
 
@@ -122,3 +125,18 @@ async def test_an_error_before_a_request_leaves_costs_that_row_and_gives_its_slo
     assert trackers[0].succeeded == 4 and trackers[0].failed_after_retries == 1
     assert server.stats()["requests"] == 4
     assert engine.free_slots == 1
+
+
+async def test_rows_backing_off_before_a_retry_leave_their_slots_to_other_rows(api_server, tmp_path) -> None:
+    # A third of the answers are faults, and a retry waits 1-2 s: while rows back off (holding no slot), the
+    # shard's other rows keep every slot busy. (Senders counted with the ones backing off left slots empty.)
+    server = api_server(fault_rate=0.3, latency_seconds=0.02, seed=3)
+    source = write_jsonl(tmp_path / "rows.jsonl", [_chat(i) for i in range(600)])
+    engine = RateLimiterPool(float("inf"), float("inf"), max_in_flight=10)
+    url = f"{server.url}/v1/chat/completions"
+    settings = RunSettings(url, RequestShape.COOKBOOK, max_attempts=3, retry_base_seconds=2.0)
+    trackers, paths, held = await _run_shards(url, source, 1, engine, tmp_path, settings=settings)
+    assert trackers[0].rows == 600 and trackers[0].retries > 50
+    assert len(read_part_state(paths[0]).done) == 600
+    busy = sum(held) / len(held)  # slots held on average while lines were still being read
+    assert busy > 8.5, busy

@@ -128,7 +128,8 @@ class ShardReader:
         self.recorder: ResultRecorder = sender.recorder
         self._lines: Iterator[Tuple[int, int, bytes]] = iter_shard_lines(shard, context.transport_params)
         self._read_all = False
-        self._senders: List["asyncio.Task[None]"] = []
+        self._senders: Set["asyncio.Task[None]"] = set()  # the other senders still running
+        self._sender_errors: List[BaseException] = []
         self._slot_waiters = 0  # the shard's senders waiting for a slot
         self._waiting: Set["asyncio.Task[None]"] = set()  # rows waiting in their lane, then sending
 
@@ -141,14 +142,13 @@ class ShardReader:
             except Exception as error:  # reading failed: the other senders still finish what they sent
                 errors.append(error)
             # No sender is started once every line is read (or reading failed); rows waiting in their lane start none.
-            while not all(job.done() for job in self._senders):
-                await asyncio.wait([job for job in self._senders if not job.done()])
-            outcomes = await asyncio.gather(*self._senders, return_exceptions=True)
+            while self._senders:
+                await asyncio.wait(list(self._senders))
             while self._waiting:
                 await asyncio.gather(*list(self._waiting))
         finally:
             self._lines.close()  # type: ignore[attr-defined]
-        errors += [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        errors += self._sender_errors
         if errors:
             raise errors[0]
         self.recorder.end(self.tracker.lines_read, self.tracker.rows)
@@ -177,9 +177,12 @@ class ShardReader:
                 kind, row = self._next_row()
                 if kind is _GRANTED:
                     assert row is not None
-                    if (limiter.free_slots > 0 and not self._slot_waiters and not self._read_all
-                            and len(self._senders) < limiter.max_in_flight):
-                        self._senders.append(asyncio.create_task(self._send_rows(first=False)))  # slots to spare
+                    # A slot is free and none of the shard's senders waits for one: one more sender. (Senders
+                    # backing off before a retry hold no slot, so they are not counted against the cap.)
+                    if limiter.free_slots > 0 and not self._slot_waiters and not self._read_all:
+                        job = asyncio.create_task(self._send_rows(first=False))
+                        self._senders.add(job)
+                        job.add_done_callback(self._sender_ended)
                     holds_slot = False  # the request goes on this slot; its answer gives it back
                     await self.sender.send(*row)
                 elif kind is _WAIT_IN_LANE:
@@ -201,6 +204,12 @@ class ShardReader:
         finally:
             if holds_slot:
                 limiter.release_slot()
+
+    def _sender_ended(self, job: "asyncio.Task[None]") -> None:
+        """One of the other senders ended: forget it, keep its error for ``run``."""
+        self._senders.discard(job)
+        if not job.cancelled() and job.exception() is not None:
+            self._sender_errors.append(job.exception())  # type: ignore[arg-type]
 
     def _next_row(self) -> Tuple[object, Optional[Tuple[ParsedRequest, Lane, int, int, float]]]:
         """Read lines until one gives a row to send; settle the others (blank, done, invalid, unpriced) here.
