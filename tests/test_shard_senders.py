@@ -139,4 +139,4 @@ async def test_rows_backing_off_before_a_retry_leave_their_slots_to_other_rows(a
     assert trackers[0].rows == 600 and trackers[0].retries > 50
     assert len(read_part_state(paths[0]).done) == 600
     busy = sum(held) / len(held)  # slots held on average while lines were still being read
-    assert busy > 8.5, busy
+    assert busy > 7, busy  # (0.5 when the ones backing off were counted)

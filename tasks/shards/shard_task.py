@@ -50,7 +50,7 @@ from tasks.limits.redis_engine import LimiterUnavailable
 from tasks.reporting.metrics import StatusTracker
 from tasks.requests.request_formats import InvalidLine, ParsedRequest, parse_line
 from tasks.requests.row_identity import NO_DIGEST
-from tasks.requests.token_estimation import budget_completion_tokens
+from tasks.requests.token_estimation import TokenEstimator, budget_completion_tokens
 from tasks.shards.request_sender import RequestSender
 from tasks.shards.row_results import ResultRecorder, RowResult
 from tasks.shards.run_state import RunContext, Unpriceable
@@ -264,10 +264,11 @@ class ShardReader:
         """Estimate, budget and take the buckets of one valid row; None when the row is settled here."""
         lane = self.context.limiter.lane_for(request.model, request.endpoint)
         budget = self.context.budget
-        if budget.limit_usd is None and not lane.limits_tokens:  # nothing needs its tokens or its price
+        estimator = self.context.estimator_for(lane.limits_tokens)
+        if estimator is None:  # no token limit and no budget: nothing needs its tokens or its price
             tokens, reserved_usd = 0, 0.0
         else:
-            prompt_tokens, completion_tokens = self._estimate(request, lane)
+            prompt_tokens, completion_tokens = self._estimate(request, estimator)
             tokens = prompt_tokens + completion_tokens
             try:
                 reserved_usd = budget.reserve(request.model, prompt_tokens, budget_completion_tokens(
@@ -315,11 +316,8 @@ class ShardReader:
         self.tracker.failed_too_large += 1
         self.recorder.record(request, line_bytes, RowResult.local_error("request_too_large", str(error)))
 
-    def _estimate(self, request: ParsedRequest, lane: Lane) -> Tuple[int, int]:
-        """The request's prompt and most completion tokens, or (0, 0) while no token limit or budget needs them."""
-        estimator = self.context.estimator_for(lane.limits_tokens)
-        if estimator is None:
-            return 0, 0
+    def _estimate(self, request: ParsedRequest, estimator: TokenEstimator) -> Tuple[int, int]:
+        """The request's prompt and most completion tokens."""
         try:
             prompt, completion = estimator.estimate_parts(request.body, request.endpoint)
         except Exception:  # an odd body must not stop the shard: fall back to a size-based guess
