@@ -23,7 +23,7 @@ demo: install
 	PYTHONPATH=. $(BIN)/python examples/run_demo.py
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not timing"
+	$(BIN)/python -m pytest -q -n 4 --dist worksteal -m "not timing"
 	$(BIN)/python -m pytest -q -m timing
 
 bench: install

@@ -294,7 +294,7 @@ def test_rows_the_batch_api_cannot_take_get_their_error_and_the_others_are_answe
 
 
 def test_batches_the_server_forgot_are_submitted_again_and_the_job_completes(api_server, tmp_path) -> None:
-    server = api_server(batch_rows_per_second=20)
+    server = api_server(batch_rows_per_second=40)
     source = str(tmp_path / "in.jsonl")
     rows = _mixed_job(source, 200)
     save = str(tmp_path / "out.jsonl")

@@ -81,7 +81,7 @@ BLOCK = re.compile(r"(\d+\.\d)%\s+([\d,]+) rows settled.*?\n([\d,]+) requests/mi
 def test_the_live_block_shows_the_bar_the_rate_against_the_limit_and_the_eta_moving(api_server, tmp_path,
                                                                                     prefect_api_url) -> None:
     server = api_server()
-    source = write_jsonl(tmp_path / "in.jsonl", _rows(1200))
+    source = write_jsonl(tmp_path / "in.jsonl", _rows(600))
     status = str(tmp_path / "status")
     arguments = ["--requests_filepath", source, "--request_url", f"{server.url}/v1/chat/completions",
                  "--max_requests_per_minute", "4800"]
@@ -107,7 +107,7 @@ def test_the_live_block_shows_the_bar_the_rate_against_the_limit_and_the_eta_mov
     assert any(3000 <= int(groups[2].replace(",", "")) <= 4800 for groups in seen), seen  # near the limit, not above
     assert open(status).read().strip() == "exit=0"
     # The block stays, final, above the summary; the summary follows it.
-    assert re.search(r"100\.0%\s+1,200 rows settled", screen), screen
+    assert re.search(r"100\.0%\s+600 rows settled", screen), screen
     assert screen.index("rows settled") < screen.index("parallel-requests complete")
     assert re.search(r"latency gpt-4o-mini: p50 \d+ ms", screen), screen
 

@@ -23,20 +23,20 @@ async def _run(**parameters: Any):
 
 async def test_limits_three_times_too_high_follow_the_server(prefect_api_url, api_server, tmp_path) -> None:
     server = api_server(requests_per_minute=6000, latency_seconds=0.02)
-    source = write_jsonl(tmp_path / "high.jsonl", _rows(900))
+    source = write_jsonl(tmp_path / "high.jsonl", _rows(600))
     state, summary = await _run(requests_filepath=source, request_url=f"{server.url}/v1/chat/completions",
                                 max_requests_per_minute=18_000, max_tokens_per_minute=30_000_000)
     assert state.is_completed(), state.message
     stats = server.stats()
     assert stats["rate_limited"] <= 0.02 * stats["requests"], stats
     assert stats["accepted_per_minute"] >= 0.85 * 6000, stats
-    assert len(read_jsonl(tmp_path / "high_results.jsonl")) == 900
+    assert len(read_jsonl(tmp_path / "high_results.jsonl")) == 600
     assert summary["max_requests_per_minute"] == 6000  # the summary reports the limit in force
 
 
 async def test_no_limits_given_are_learned_from_the_server(prefect_api_url, api_server, tmp_path) -> None:
     server = api_server(requests_per_minute=6000, tokens_per_minute=5_000_000, latency_seconds=0.02)
-    source = write_jsonl(tmp_path / "learn.jsonl", _rows(900))
+    source = write_jsonl(tmp_path / "learn.jsonl", _rows(600))
     state, summary = await _run(requests_filepath=source, request_url=f"{server.url}/v1/chat/completions")
     assert state.is_completed(), state.message
     stats = server.stats()
@@ -140,16 +140,16 @@ async def test_a_token_limit_the_server_states_binds_even_with_inf_given(prefect
 async def test_a_short_window_in_openai_names_is_derived_not_taken_per_minute(prefect_api_url, api_server,
                                                                               tmp_path) -> None:
     # 20 requests per fixed 2 s window, stated as x-ratelimit-limit-requests: 20 (reset "1.379s").
-    # Taken as 20 a minute, 120 rows would take 6 minutes; at the server's real rate about 12 s.
+    # Taken as 20 a minute, 80 rows would take 4 minutes; at the server's real rate about 8 s.
     server = api_server(requests_per_minute=600, slice_seconds=2.0, dialect="window")
-    source = write_jsonl(tmp_path / "window.jsonl", _rows(120))
+    source = write_jsonl(tmp_path / "window.jsonl", _rows(80))
     state, summary = await _run(requests_filepath=source, request_url=f"{server.url}/v1/chat/completions")
     assert state.is_completed(), state.message
     stats = server.stats()
     assert stats["rate_limited"] <= 0.05 * stats["requests"], stats
     assert stats["steady_per_minute"] >= 0.85 * 600, stats
     assert summary["limits_in_force"][0] == "20 requests per 2 s (learned from x-ratelimit headers)"
-    assert len(read_jsonl(tmp_path / "window_results.jsonl")) == 120
+    assert len(read_jsonl(tmp_path / "window_results.jsonl")) == 80
 
 
 async def test_a_daily_budget_that_runs_out_stops_the_run_and_the_rerun_resumes(prefect_api_url, api_server,
