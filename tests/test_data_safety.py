@@ -256,3 +256,4 @@ def test_an_unpriced_row_is_one_error_record_and_the_budget_holds_for_the_rest(a
     summary_cost = float(out.split("cost $")[1].split()[0])
     assert 0.00075 <= summary_cost <= 0.001, out
     assert code == 1 and "budget of $0.001 reached" in err
+    assert "NoneType: None" not in err  # the shard's Failed state is logged without an empty traceback

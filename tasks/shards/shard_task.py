@@ -33,6 +33,7 @@ Usage (inside an async flow, with every shard awaited together):
 
 # Standard library imports
 import asyncio
+import logging
 import os
 import time
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
@@ -59,6 +60,23 @@ from tasks.storage.results_storage import PartWriter, read_part_state
 
 # How many lines a shard reads before it lets the event loop run other work.
 YIELD_EVERY_LINES = 32
+
+
+class _NoEmptyTraceback(logging.Filter):
+    """Drops the empty traceback Prefect asks for when a task returns a Failed state without an exception.
+
+    Prefect logs "Task run failed with state: ..." with ``exc_info=True``; with no exception being
+    handled, that prints a stray "NoneType: None" line under it (a shard stopped by a budget, say).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is not None and record.exc_info[0] is None:
+            record.exc_info = None
+        return True
+
+
+if not any(isinstance(existing, _NoEmptyTraceback) for existing in logging.getLogger("prefect.task_runs").filters):
+    logging.getLogger("prefect.task_runs").addFilter(_NoEmptyTraceback())
 
 
 @task(
