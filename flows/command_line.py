@@ -436,8 +436,10 @@ def run() -> None:
     walk over every object Prefect and the flow created is skipped (0.45 s of a small run's 4 s).
     """
     status = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None: the stream was closed when the command started (">&-")
+            with contextlib.suppress(OSError, ValueError):  # Python's own flush at exit reports it, as before
+                stream.flush()
     gc.freeze()  # objects still alive are freed by reference counting at exit, never walked for cycles
     sys.exit(status)
 

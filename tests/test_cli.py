@@ -158,6 +158,14 @@ def test_missing_input_names_the_file(tmp_path) -> None:
     assert result.returncode == 2 and missing in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("closed", [">&-", "2>&-"])
+def test_a_closed_stdout_or_stderr_keeps_the_exit_status(tmp_path, closed: str) -> None:
+    # Python sets a stream closed at start to None: the exit must not trip over it and turn 2 into 1.
+    result = subprocess.run(f"'{CLI}' --requests_filepath '{tmp_path / 'nope.jsonl'}' {closed}", shell=True, cwd=ROOT,
+                            env=_env(), capture_output=closed == "2>&-", timeout=60)
+    assert result.returncode == 2
+
+
 def test_wrong_key_stops_with_exit_1_and_never_prints_the_key(prefect_api_url, api_server, tmp_path) -> None:
     server = api_server(api_key="sk-the-right-one-0000000000")
     source = write_jsonl(tmp_path / "r.jsonl", [{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}] * 20)
