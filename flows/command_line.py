@@ -435,13 +435,29 @@ def run() -> None:
     Everything the run wrote is closed by then and Prefect's exit hooks still run; only the final
     walk over every object Prefect and the flow created is skipped (0.45 s of a small run's 4 s).
     """
+    _fill_closed_standard_streams()
     status = main()
     for stream in (sys.stdout, sys.stderr):
-        if stream is not None:  # None: the stream was closed when the command started (">&-")
-            with contextlib.suppress(OSError, ValueError):  # Python's own flush at exit reports it, as before
-                stream.flush()
+        with contextlib.suppress(OSError, ValueError):  # Python's own flush at exit reports it, as before
+            stream.flush()
     gc.freeze()  # objects still alive are freed by reference counting at exit, never walked for cycles
     sys.exit(status)
+
+
+def _fill_closed_standard_streams() -> None:
+    """Put /dev/null where stdin, stdout or stderr was closed at start (``>&-``).
+
+    Else the next file opened takes the number 1 or 2 and whatever writes to "stdout" writes into
+    it, Python's ``sys.stdout`` is None (Prefect's and uvicorn's logging fail on it), and child
+    processes such as the local API server start without one.
+    """
+    for descriptor, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(descriptor)
+        except OSError:
+            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)  # the lowest free number: this one
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(descriptor, "r" if descriptor == 0 else "w", closefd=False))
 
 
 if __name__ == "__main__":

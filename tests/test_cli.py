@@ -158,12 +158,28 @@ def test_missing_input_names_the_file(tmp_path) -> None:
     assert result.returncode == 2 and missing in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("closed", [">&-", "2>&-"])
+@pytest.mark.parametrize("closed", [">&-", "2>&-", "<&-"])
 def test_a_closed_stdout_or_stderr_keeps_the_exit_status(tmp_path, closed: str) -> None:
     # Python sets a stream closed at start to None: the exit must not trip over it and turn 2 into 1.
     result = subprocess.run(f"'{CLI}' --requests_filepath '{tmp_path / 'nope.jsonl'}' {closed}", shell=True, cwd=ROOT,
                             env=_env(), capture_output=closed == "2>&-", timeout=60)
     assert result.returncode == 2
+
+
+def test_a_run_with_stdout_closed_completes_with_its_own_local_api(api_server, tmp_path) -> None:
+    # With stdout closed, the next file opened would take its number; the local API server, a child
+    # process, would start without a stdout and fail.
+    server = api_server(api_key=KEY)
+    rows = [{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 5}
+            for i in range(40)]
+    source = write_jsonl(tmp_path / "c.jsonl", rows)
+    result = subprocess.run(f"'{CLI}' --requests_filepath '{source}' --request_url '{server.url}/v1/chat/completions' "
+                            f"--max_tokens_per_minute 100000 >&-", shell=True, cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True, env=_env(OPENAI_API_KEY=KEY, PREFECT_HOME=str(tmp_path / "home")), timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert len(read_jsonl(tmp_path / "c_results.jsonl")) == 40 and server.stats()["answered"] == 40
+    assert "40 rows done" in result.stderr
 
 
 def test_wrong_key_stops_with_exit_1_and_never_prints_the_key(prefect_api_url, api_server, tmp_path) -> None:
