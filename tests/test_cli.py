@@ -135,6 +135,7 @@ def test_model_limits_from_a_json_file_given_on_the_command_line(prefect_api_url
         (["--save_filepath", "{source}"], "would overwrite the input"),
         (["--save_filepath", "{tmp}/out.jsonl", "--work-dir", "{tmp}/./out.jsonl"], "work folder cannot be"),
         (["--save_filepath", "s3://AKIAEXAMPLE:s3cr3tKey@bucket/out.jsonl"], "must not carry credentials"),
+        (["--save_filepath", "s3://bucket/out.jsonl", "--work-dir", "s3://bucket/work"], "not a s3:// URI"),
         (["--shards", "100000"], "shards must be from 1 to 256"),
         (["--api_key", "sk-x", "--limiter", "redis://127.0.0.1:6379/0", "--shard-deployment", "a/b"],
          "--api_key cannot reach child runs"),

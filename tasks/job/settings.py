@@ -62,8 +62,9 @@ def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_m
     """Reject settings the run cannot work with, before anything is sent.
 
     Args:
-        uris: the input, output and work paths: checked for credentials written into them, and that
-            none of them is another (the output must never overwrite the input).
+        uris: the input, output and work paths: checked for credentials written into them, that
+            none of them is another (the output must never overwrite the input), and that the work
+            folder is local.
         request_url: checked for credentials written into it (a user:password, or a key in the query):
             they would show in parameters, logs and the work folder.
 
@@ -87,6 +88,10 @@ def validate_settings(max_requests_per_minute: Optional[float], max_tokens_per_m
         if "://" in uri and has_password(uri):
             raise ValueError(f"{uri.split('://', 1)[0]}:// paths must not carry credentials (they would show in "
                              "parameters and logs); use the standard AWS configuration or --aws-credentials-block")
+    if len(uris) >= 3 and "://" in uris[2] and not uris[2].startswith("file://"):
+        raise ValueError(f"the work folder must be a local folder, not a {uris[2].split('://', 1)[0]}:// URI "
+                         "(its parts, lock and resume state need a local or shared file system); choose another "
+                         "--work-dir, or leave it out: a remote output's work folder is in the local cache")
     if request_url:
         parts = urllib.parse.urlsplit(request_url)
         names = {name.lower().replace("-", "_") for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)}
