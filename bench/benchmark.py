@@ -244,8 +244,8 @@ def run_flow_cli(source: str, url: str, work: str, extra: List[str], measure_mem
         code = ("import resource, sys\nfrom flows.command_line import main\nstatus = main(sys.argv[1:])\n"
                 "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(status)\n")
         command = [sys.executable, "-c", code, *arguments]
-    else:
-        command = [CLI, *arguments]
+    else:  # the command line of whichever tree PYTHONPATH names (the installed script is this tree's)
+        command = [sys.executable, "-m", "flows.command_line", *arguments]
     env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=os.path.join(work, "prefect-home"))
     env.pop("PREFECT_API_URL", None)
     if tree:
