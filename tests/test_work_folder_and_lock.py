@@ -110,6 +110,8 @@ async def test_a_work_folder_of_an_earlier_version_is_refused_and_kept(prefect_a
 def test_a_work_folder_is_ours_only_when_it_holds_our_manifest(tmp_path) -> None:
     fresh = WorkLocation.open(str(tmp_path / "out.jsonl"), str(tmp_path / "new" / "work"))
     assert os.path.exists(os.path.join(fresh.path, "work.json"))
+    as_uri = WorkLocation.open(str(tmp_path / "uri.jsonl"), f"file://{tmp_path}/by-uri")  # not a folder "file:"
+    assert as_uri.path == str(tmp_path / "by-uri") and os.path.exists(tmp_path / "by-uri" / "work.json")
     empty = tmp_path / "empty"
     empty.mkdir()
     WorkLocation.open(str(tmp_path / "out.jsonl"), str(empty))

@@ -100,12 +100,12 @@ class WorkLocation:
 
         Args:
             save_filepath: the output path or URI (the job).
-            work_dir: an explicit work folder, or None for the default.
+            work_dir: an explicit work folder (a path or a file:// URI), or None for the default.
 
         Raises:
             WorkFolderRefused: naming the folder and why; nothing in it was changed.
         """
-        path = os.path.abspath(work_dir or default_work_dir(save_filepath))
+        path = os.path.abspath((work_dir or default_work_dir(save_filepath)).removeprefix("file://"))
         if os.path.exists(path) and not os.path.isdir(path):
             raise WorkFolderRefused(f"the work folder {path} is a file, not a folder; choose another --work-dir")
         os.makedirs(path, exist_ok=True)
