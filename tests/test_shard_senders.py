@@ -6,12 +6,15 @@ with the in-process engine, so that the engine's slot count can be watched while
 
 # Standard library imports
 import asyncio
+import glob
 import logging
 import os
+import threading
 from typing import Any, List, Optional, Tuple
 
 # Third-party imports
 import aiohttp
+from aiohttp import web
 
 # Local application imports
 from tasks.api.api_client import ApiClient
@@ -102,17 +105,17 @@ async def test_shards_and_rows_waiting_in_a_lane_share_one_slot(api_server, tmp_
 
 
 class _FailsOnce(TurnWrites):
-    """A part store whose first flush before a request fails, as a full disk would."""
+    """A part store whose first write before a request fails, as a full disk would."""
 
     def __init__(self) -> None:
         super().__init__()
         self.failed = False
 
-    def flush(self) -> None:
+    def _write_waiting(self) -> None:
         if not self.failed:
             self.failed = True
             raise OSError(28, "No space left on device")
-        super().flush()
+        super()._write_waiting()
 
 
 async def test_an_error_before_a_request_leaves_costs_that_row_and_gives_its_slot_back(api_server, tmp_path) -> None:
@@ -140,3 +143,65 @@ async def test_rows_backing_off_before_a_retry_leave_their_slots_to_other_rows(a
     assert len(read_part_state(paths[0]).done) == 600
     busy = sum(held) / len(held)  # slots held on average while lines were still being read
     assert busy > 7, busy  # (0.5 when the ones backing off were counted)
+
+
+class _PartWatchingServer:
+    """A chat API on its own thread that, as each request arrives, counts the answers already in the part files.
+
+    What the client has received but not yet written would be lost to a kill at that moment, and paid again.
+    """
+
+    def __init__(self, parts_glob: str) -> None:
+        self.parts_glob = parts_glob
+        self.received = 0
+        self.unwritten: List[int] = []  # at each arrival: requests received, less the answers on disk
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        self._started.wait(10)
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.received += 1
+        written = 0
+        for path in glob.glob(self.parts_glob):
+            with open(path, "rb") as handle:
+                written += handle.read().count(b"\tr\t")
+        self.unwritten.append(self.received - written)
+        return web.json_response({"id": "x", "object": "chat.completion", "model": "gpt-4o-mini",
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                               "finish_reason": "stop"}],
+                                  "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        application = web.Application()
+        application.router.add_post("/v1/chat/completions", self._answer)
+        self._runner = web.AppRunner(application)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self._started.set()
+        self._loop.run_forever()
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+async def test_every_answer_is_on_disk_before_the_next_request_leaves(tmp_path) -> None:
+    # A kill loses at most the requests in flight: when a request arrives, every answer its sender and the
+    # other shards' senders had before it is already on disk. (With the part writers left out of the turn's
+    # write, the answers stayed in memory until the shards ended: 400 unwritten.)
+    server = _PartWatchingServer(str(tmp_path / "part-*"))
+    try:
+        source = write_jsonl(tmp_path / "rows.jsonl", [_chat(i) for i in range(400)])
+        engine = RateLimiterPool(float("inf"), float("inf"), max_in_flight=4)
+        trackers, paths, _ = await _run_shards(f"{server.url}/v1/chat/completions", source, 2, engine, tmp_path)
+    finally:
+        server.stop()
+    assert sum(tracker.succeeded for tracker in trackers) == 400 and server.received == 400
+    assert max(server.unwritten) <= 4, sorted(server.unwritten)[-10:]

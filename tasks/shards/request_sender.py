@@ -123,8 +123,9 @@ class RequestSender:
                         tracker.not_sent += 1
                         return 0.0
                     holds_capacity = True
-                # Every answer so far, and this row's "sent" record, on disk before it leaves.
-                context.turn_writes.flush()
+                # Every answer so far, and this row's "sent" record, on disk before it leaves (one write
+                # for all the requests of this turn).
+                await context.turn_writes.written()
                 tracker.note_request_sent()
                 live.sent()
                 started = time.monotonic()

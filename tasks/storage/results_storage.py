@@ -16,10 +16,10 @@ each reaches the operating system) in the order they happen, each tagged with th
 
 Memory stays flat however long the input is: nothing waits in memory for the rows before it.
 The shards of one process share a ``TurnWrites``: each shard's records of one event-loop turn
-go to the operating system in one write, made at the end of that turn, and every sender calls
-``TurnWrites.flush()`` before each attempt it sends. A request therefore goes out only once every
-answer that came before it, in any shard, is on disk, so a killed process loses only what was in
-flight. (A writer given no ``TurnWrites`` writes each record at once.) ``read_part_state()``
+go to the operating system in one write, made at the end of that turn, and every sender awaits
+``TurnWrites.written()`` before each attempt it sends: the senders of one turn wait for that one
+write, not one write each. A request therefore goes out only once every answer that came before it,
+in any shard, is on disk, so a killed process loses only what was in flight. (A writer given no ``TurnWrites`` writes each record at once.) ``read_part_state()``
 tells a resumed shard which rows are done, and how many were sent but never answered (they
 will be sent again). A record torn by a kill is cut off when the part is reopened; a damaged
 record anywhere else is skipped (its row is sent again rather than the shard failing on every
@@ -153,23 +153,56 @@ class TurnWrites:
     Usage (on the running loop; every part writer of the run is given the same one):
         >>> turn = TurnWrites()
         >>> part = PartWriter(path, turn)
-        >>> turn.flush()   # before any request is sent: every answer recorded so far reaches the disk
+        >>> await turn.written()   # before any request is sent: every record made so far reaches the disk
     """
 
     def __init__(self) -> None:
         self._waiting: List["PartWriter"] = []
         self._turn_end_set = False
+        self._callers: List[asyncio.Future] = []  # callers of written(), woken by the turn's write
+
+    async def written(self) -> None:
+        """Return once every record waiting now has reached the operating system.
+
+        The callers of one turn share the write made at its end. One that resumes after records made
+        meanwhile (by an answer handled before it in the same turn) writes them itself, so nothing
+        recorded before it returns is left waiting. Raises the write's error (a full disk).
+        """
+        if self._waiting:
+            caller = asyncio.get_running_loop().create_future()  # one per caller: a cancelled one cancels no other
+            self._callers.append(caller)
+            self._write_at_turn_end()
+            await caller
+            self.flush()
 
     def note(self, writer: "PartWriter") -> None:
         """``writer`` has its first waiting record: it is written before the next request, at the latest at the
         end of the loop's turn."""
+        self._write_at_turn_end()
+        self._waiting.append(writer)
+
+    def _write_at_turn_end(self) -> None:
+        """Make sure the write at the end of this turn is scheduled."""
         if not self._turn_end_set:
             asyncio.get_running_loop().call_soon(self._at_turn_end)  # after every callback ready now: the turn's end
             self._turn_end_set = True
-        self._waiting.append(writer)
 
     def flush(self) -> None:
-        """Write every waiting record now."""
+        """Write every waiting record now, then wake the callers of ``written()``."""
+        callers, self._callers = self._callers, []
+        try:
+            self._write_waiting()
+        except BaseException as error:
+            for caller in callers:
+                if not caller.done():
+                    caller.set_exception(error)
+            raise
+        for caller in callers:
+            if not caller.done():
+                caller.set_result(None)
+
+    def _write_waiting(self) -> None:
+        """Write the waiting records of every part writer."""
         if self._waiting:
             waiting, self._waiting = self._waiting, []
             for writer in waiting:
