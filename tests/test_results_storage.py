@@ -138,7 +138,7 @@ def test_the_shards_writers_put_every_answer_on_disk_before_any_request_and_by_t
             first.write_result(1, D, b'["row 2"]')
             second.write_sent(0, D)
             seen.append((on_disk(paths[0]), on_disk(paths[1])))  # nothing yet: written together, once
-            turn.flush()  # a sender of either shard, before any attempt: the other shard's answers too
+            await turn.written()  # a sender of either shard, before any attempt: the other shard's answers too
             seen.append((on_disk(paths[0]), on_disk(paths[1])))
             second.write_result(0, D, b'["row 1 of b"]')
             await asyncio.sleep(0)  # one turn of the loop
@@ -153,3 +153,35 @@ def test_the_shards_writers_put_every_answer_on_disk_before_any_request_and_by_t
     assert turn_end == (sent[0], sent[1] + [[b"0", b"r"]])
     assert closed == (sent[0] + [[b"2", b"i"]], turn_end[1])
     assert read_part_state(paths[0]).done.keys() == {0, 1, 2} and read_part_state(paths[1]).done.keys() == {0}
+
+
+def test_a_part_that_cannot_be_written_keeps_its_records_and_holds_back_no_other_part(tmp_path) -> None:
+    # One shard's part on a full disk (/dev/full answers every write with ENOSPC), the other's on this one.
+    # Each sender waiting for the turn's write is told; the other part's records reach its file all the
+    # same, in that turn and after; the full part keeps what it could not write for a later write.
+    path = str(tmp_path / "b.part")
+
+    async def two_shards() -> list:
+        turn = TurnWrites()
+        full, part = PartWriter("/dev/full", turn), PartWriter(path, turn)
+        full.write_sent(0, D)
+        part.write_sent(0, D)
+        errors = []
+        for row in range(3):
+            try:
+                await turn.written()
+            except OSError as error:
+                errors.append(error.errno)
+            part.write_result(row, D, b'["answer %d"]' % row)
+            part.write_sent(row + 1, D)
+        await asyncio.sleep(0)  # the turn's end
+        with open(path, "rb") as handle:  # on disk before the part is closed
+            kinds = [line.split(b"\t")[1] for line in handle.read().splitlines()]
+        part.close()
+        return [errors, kinds, len(full._pending)]
+
+    errors, kinds, not_written = asyncio.run(two_shards())
+    assert errors == [28, 28, 28]
+    assert kinds == [b"s", b"r"] * 3 + [b"s"]
+    assert not_written == 1  # the full part's records, joined, wait for a later write
+    assert read_part_state(path).done.keys() == {0, 1, 2}

@@ -202,16 +202,27 @@ class TurnWrites:
                 caller.set_result(None)
 
     def _write_waiting(self) -> None:
-        """Write the waiting records of every part writer."""
-        if self._waiting:
-            waiting, self._waiting = self._waiting, []
-            for writer in waiting:
+        """Write the waiting records of every part writer. A writer whose write fails (a full disk) keeps
+        waiting, with every record it could not write, for the next write; the others are written; the
+        first error is raised."""
+        waiting, self._waiting = self._waiting, []
+        first_error: Optional[Exception] = None
+        for writer in waiting:
+            try:
                 writer.flush()
+            except Exception as error:
+                self._waiting.append(writer)
+                first_error = first_error or error
+        if first_error is not None:
+            raise first_error
 
     def _at_turn_end(self) -> None:
         """The end of the loop's turn: write what waits."""
         self._turn_end_set = False
-        self.flush()
+        try:
+            self.flush()
+        except OSError:  # the callers of written() have it; the records not written wait for the next write
+            pass
 
 
 class PartWriter:
@@ -267,8 +278,12 @@ class PartWriter:
         if self._pending and self._handle is not None:
             data = memoryview(b"".join(self._pending))
             self._pending.clear()
-            while data:  # an unbuffered write may take only part of a long buffer
-                data = data[self._handle.write(data):]
+            try:
+                while data:  # an unbuffered write may take only part of a long buffer
+                    data = data[self._handle.write(data):]
+            except BaseException:
+                self._pending.append(bytes(data))  # what did not reach the disk waits for the next write
+                raise
 
     def close(self) -> None:
         """Write what waits, fsync and close the part."""
