@@ -125,7 +125,13 @@ class RequestSender:
                     holds_capacity = True
                 # Every answer so far, and this row's "sent" record, on disk before it leaves (one write
                 # for all the requests of this turn).
-                await context.turn_writes.written()
+                try:
+                    await context.turn_writes.written()
+                except OSError as error:  # nothing can be recorded (a full disk): it does not leave, and
+                    tracker.not_sent += 1  # with no final record the next run decides it
+                    self.logger.error("%s line +%d: not sent, its part file cannot be written: %s", self.label,
+                                      request.line_index, error)
+                    return 0.0
                 tracker.note_request_sent()
                 live.sent()
                 started = time.monotonic()
