@@ -160,7 +160,7 @@ class RunContext:
         transport_params: smart-open's transport parameters for the input.
         token_encoding_name: the encoding an estimator made later uses (None: each model's own).
         pending_window: requests read but not yet settled, across every shard.
-        turn_writes: the shards' part records waiting for the end of the loop's turn (flushed before each send).
+        turn_writes: the shards' part records waiting for the end of the loop's turn (written before each send).
     """
 
     settings: RunSettings

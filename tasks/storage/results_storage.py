@@ -19,9 +19,9 @@ The shards of one process share a ``TurnWrites``: each shard's records of one ev
 go to the operating system in one write, made at the end of that turn, and every sender awaits
 ``TurnWrites.written()`` before each attempt it sends: the senders of one turn wait for that one
 write, not one write each. A request therefore goes out only once every answer that came before it,
-in any shard, is on disk, so a killed process loses only what was in flight. (A writer given no ``TurnWrites`` writes each record at once.) ``read_part_state()``
-tells a resumed shard which rows are done, and how many were sent but never answered (they
-will be sent again). A record torn by a kill is cut off when the part is reopened; a damaged
+in any shard, is on disk, so a killed process loses only what was in flight. (A writer given no
+``TurnWrites`` writes each record at once.) ``read_part_state()`` tells a resumed shard which rows
+are done, and how many were sent but never answered (they will be sent again). A record torn by a kill is cut off when the part is reopened; a damaged
 record anywhere else is skipped (its row is sent again rather than the shard failing on every
 rerun). The last final record of a row wins.
 
